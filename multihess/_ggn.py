@@ -1,0 +1,67 @@
+"""The generalized Gauss-Newton matrix ``G = J^T H_z J`` (approximate chain rule)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ._backend import Array, Linearization
+from ._operator import CurvatureOperator
+from ._problem import Problem
+
+
+class GGNOperator(CurvatureOperator):
+    """``G = Σ_batches J^T H_z J`` with ``H_z`` the loss's analytic output Hessian.
+
+    A product is ``v → Jv → H_z Jv → J^T H_z Jv``.  In eager frameworks the
+    linearization (kept output graph) is built once per batch and reused; in
+    compiling frameworks the whole chain is one compiled function of
+    ``(w, batch, V)``, traced once.
+    """
+
+    def __init__(self, problem: Problem) -> None:
+        if problem.loss is None:
+            raise ValueError("a GGN needs model outputs and a loss: pass data=(x, y) and loss=")
+        super().__init__(problem.backend, problem.binding, problem.binding, problem.check_finite)
+        self.problem = problem
+        if getattr(problem.backend, "eager", False):
+            self._linearizations: dict[int, Linearization] = {}
+            self._product = self._eager_product
+        else:
+            self._product = problem.backend._rowwise(self._one_product)
+
+    def _one_product(self, w: Array, batch: Any, v: Array) -> Array:
+        """``J^T H_z J v`` for one vector, written with the primitives (compiled by the backend)."""
+        b, loss = self.problem.backend, self.problem.loss
+        x, y = batch
+        f: Callable[[Array], Array] = lambda p: self.problem.binding.apply(p, x)  # noqa: E731
+        z, jv = b.jvp(f, w, v)
+        hz_jv = loss.hz_matvec(b, z, y, b.stack([jv]))[0]
+        return b.vjp(f, w, hz_jv)[1]
+
+    def _eager_product(self, w: Array, batch: Any, V: Array) -> Array:
+        b, loss = self.problem.backend, self.problem.loss
+        lin = self._linearization(batch)
+        jv = lin.jvp_batched(V)  # v → Jv
+        hz_jv = loss.hz_matvec(b, lin.out, batch[1], jv)  # → H_z Jv
+        return lin.vjp_batched(hz_jv)  # → J^T H_z Jv
+
+    def _linearization(self, batch: Any) -> Linearization:
+        # Keep the linearization of every batch only when there is one batch:
+        # with many, the kept graphs would hold all activations at once.
+        key = id(batch)
+        if key in self._linearizations:
+            return self._linearizations[key]
+        lin = self.problem.backend.linearize(self.problem.binding.apply, self.problem.binding.w, batch[0])
+        if len(self.problem.batches) == 1:
+            self._linearizations[key] = lin
+        return lin
+
+    def _matmat_rows(self, V: Array) -> Array:
+        w = self.problem.binding.w
+        total = None
+        for weight, batch in self.problem.weighted_batches():
+            part = self._product(w, batch, V)
+            part = part if weight == 1.0 else part * weight
+            total = part if total is None else total + part
+        return total
