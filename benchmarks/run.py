@@ -147,12 +147,67 @@ def bench_torch_model(name: str, model: Any, x: Any, y: Any, sync: Callable[[Any
             ),
             base,
         )
+    bench_torch_third_party(name, model, x, y, v, sync, repeats, base)
     row(
         name,
         "multihess operator build + first HVP",
         median_time(lambda: mh.hessian(model, data=(x, y), loss="cross_entropy") @ v, sync, max(1, repeats // 3)),
         base,
     )
+
+
+def bench_torch_third_party(
+    name: str, model: Any, x: Any, y: Any, v: Any, sync: Callable[[Any], Any], repeats: int, base: float
+) -> None:
+    """PyHessian and curvlinops on the same model and batch, where installed."""
+    import torch
+
+    loss_fn = torch.nn.functional.cross_entropy
+    params = [p for p in model.parameters() if p.requires_grad]
+    if importlib.util.find_spec("pyhessian") is not None:
+        from pyhessian import hessian as pyhessian_hessian
+        from pyhessian.utils import hessian_vector_product
+
+        try:
+            comp = pyhessian_hessian(model, loss_fn, data=(x, y), cuda=x.is_cuda)
+            tree = [t.reshape(p.shape) for t, p in zip(torch.split(v, [p.numel() for p in params]), params)]
+            row(
+                name,
+                "PyHessian HVP (gradient graph kept)",
+                median_time(lambda: hessian_vector_product(comp.gradsH, comp.params, tree), sync, repeats),
+                base,
+            )
+            row(
+                name,
+                f"PyHessian {PROBES}-probe trace",
+                median_time(lambda: comp.trace(maxIter=PROBES, tol=0.0), sync, max(1, repeats // 3), 1),
+                base,
+            )
+            row(
+                name,
+                f"PyHessian top eigenvalue, {LANCZOS_STEPS} power iterations",
+                median_time(lambda: comp.eigenvalues(maxIter=LANCZOS_STEPS, tol=0.0), sync, max(1, repeats // 3), 1),
+                base,
+            )
+        except Exception as err:  # the fused-attention transformer fails here
+            print(f"{name:>12} | PyHessian: fails ({type(err).__name__}: {str(err)[:60]})")
+    if importlib.util.find_spec("curvlinops") is not None:
+        from curvlinops import GGNLinearOperator, HessianLinearOperator, hutchinson_trace
+
+        try:
+            data = [(x, y)]
+            H = HessianLinearOperator(model, loss_fn, params, data, check_deterministic=False)
+            G = GGNLinearOperator(model, loss_fn, params, data, check_deterministic=False)
+            row(name, "curvlinops HVP", median_time(lambda: H @ v, sync, repeats), base)
+            row(name, "curvlinops GGN-vector product", median_time(lambda: G @ v, sync, repeats), base)
+            row(
+                name,
+                f"curvlinops {PROBES}-probe Hutchinson trace",
+                median_time(lambda: hutchinson_trace(H, PROBES), sync, max(1, repeats // 3), 1),
+                base,
+            )
+        except Exception as err:
+            print(f"{name:>12} | curvlinops: fails ({type(err).__name__}: {str(err)[:60]})")
 
 
 def bench_jax(repeats: int) -> None:
@@ -199,11 +254,47 @@ def bench_jax(repeats: int) -> None:
     v = jnp.ones(H.shape[0], dtype=jnp.float32)
     row("jax mlp", "multihess HVP", median_time(lambda: H @ v, sync, repeats), base)
     row("jax mlp", "multihess GGN-vector product", median_time(lambda: G @ v, sync, repeats), base)
+    from jax.flatten_util import ravel_pytree
+
+    flat, unravel = ravel_pytree(params)
+    probes = jnp.asarray(np.random.default_rng(0).choice([-1.0, 1.0], size=(PROBES, flat.size)), dtype=flat.dtype)
+
+    @jax.jit
+    def hand_trace(w: jax.Array, Z: jax.Array) -> jax.Array:
+        hvp = lambda z: jax.jvp(jax.grad(lambda q: loss_of(unravel(q))), (w,), (z,))[1]
+        return jnp.sum(jax.vmap(hvp)(Z) * Z) / Z.shape[0]
+
+    row(
+        "jax mlp",
+        f"hand-written {PROBES}-probe trace, vmap fwd-over-rev (jit)",
+        median_time(lambda: hand_trace(flat, probes), sync, repeats),
+        base,
+    )
+    extra_rows("jax mlp", H, G, sync, repeats, base)
+
+
+def extra_rows(name: str, H: Any, G: Any, sync: Callable[[Any], Any], repeats: int, base: float) -> None:
+    """Estimator and eigenvalue rows shared by the JAX and TensorFlow benchmarks."""
     if hasattr(mh, "trace"):
         row(
-            "jax mlp",
-            f"multihess {PROBES}-probe trace",
-            median_time(lambda: mh.trace(H, num_probes=PROBES), sync, repeats),
+            name,
+            f"multihess {PROBES}-probe Hutchinson trace (Hessian)",
+            median_time(lambda: mh.trace(H, num_probes=PROBES, seed=0), sync, repeats),
+            base,
+        )
+        row(
+            name,
+            "multihess exact GGN trace",
+            median_time(lambda: mh.trace(G, method="exact"), sync, max(1, repeats // 3), 1),
+            base,
+        )
+    if hasattr(mh, "eigvalsh"):
+        row(
+            name,
+            f"multihess top eigenvalue, {LANCZOS_STEPS} Lanczos steps",
+            median_time(
+                lambda: mh.eigvalsh(H, k=1, num_iterations=LANCZOS_STEPS, tol=0.0), sync, max(1, repeats // 3), 1
+            ),
             base,
         )
 
@@ -242,6 +333,7 @@ def bench_tensorflow(repeats: int) -> None:
     v = tf.ones(H.shape[0])
     row("tf mlp", "multihess HVP", median_time(lambda: H @ v, lambda o: o, repeats), base)
     row("tf mlp", "multihess GGN-vector product", median_time(lambda: G @ v, lambda o: o, repeats), base)
+    extra_rows("tf mlp", H, G, lambda o: o, repeats, base)
 
 
 def main() -> None:
@@ -251,7 +343,12 @@ def main() -> None:
     parser.add_argument("--frameworks", nargs="+", default=["torch", "jax", "tensorflow"])
     parser.add_argument("--models", nargs="+", default=None, help="torch models: mlp lenet5 resnet transformer")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: its own choice)")
     args = parser.parse_args()
+    if args.threads and importlib.util.find_spec("torch") is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     print(f"{'model':>12} | {'what':<52} | {'time':>12} | ratio to one gradient")
     runners = {
         "torch": lambda: bench_torch(args.scale, args.device, args.repeats, args.models),
