@@ -19,13 +19,17 @@ V = RNG.standard_normal(4 * 8 + 8 + 8 * 3 + 3)
 
 
 def report(framework: str, H, G, fd, v) -> None:
-    hv, gv, fdv = (np.asarray(mh.get_backend(framework).to_numpy(op @ v)) for op in (H, G, fd))
-    dense = np.asarray(mh.get_backend(framework).to_numpy(H.dense()))
+    backend = mh.get_backend(framework)
+    hv, gv, fdv = (np.asarray(backend.to_numpy(op @ v)) for op in (H, G, fd))
+    dense = np.asarray(backend.to_numpy(H.dense()))
+    error = np.linalg.norm(hv - fdv) / np.linalg.norm(fdv)
     print(f"{framework:>10}: {H.shape[0]} parameters | ‖Hv‖={np.linalg.norm(hv):.6f} ‖Gv‖={np.linalg.norm(gv):.6f}")
-    print(f"{'':>10}  Hv vs finite differences: rel. error {np.linalg.norm(hv - fdv) / np.linalg.norm(fdv):.1e}")
-    print(
-        f"{'':>10}  dense Hessian symmetric: {np.allclose(dense, dense.T)}; top eigenvalue {np.linalg.eigvalsh(dense)[-1]:.6f}"
-    )
+    print(f"{'':>10}  Hv vs finite differences: rel. error {error:.1e}")
+    top = np.linalg.eigvalsh(dense)[-1]
+    print(f"{'':>10}  dense Hessian symmetric: {np.allclose(dense, dense.T)}; top eigenvalue {top:.6f}")
+    # Central differences in float64 agree to ~1e-8; anything worse is a wrong product.
+    if error > 1e-6 or not np.allclose(dense @ np.asarray(backend.to_numpy(v)), hv, rtol=1e-8, atol=1e-10):
+        raise SystemExit(f"{framework}: products disagree (rel. error {error:.1e})")
 
 
 def run_torch() -> None:
