@@ -14,6 +14,15 @@ import pytest
 REQUIRED = [b for b in os.environ.get("MULTIHESS_REQUIRE_BACKENDS", "").split(",") if b]
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    # The conformance suite's --backend, registered here too: run from the root with no
+    # path given, pytest would read "--backend torch" as the path "torch" and reject the
+    # option before loading conformance/conftest.py.
+    from conformance.conftest import add_backend_option
+
+    add_backend_option(parser)
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     if not REQUIRED:
         return

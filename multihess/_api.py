@@ -55,7 +55,16 @@ def _operator(
     **options: Any,
 ) -> CurvatureOperator:
     problem, rows, cols = build_problem(
-        model, weights, data, loss, params, col_params, reduction, backend, check_finite, need_loss=kind != "hessian"
+        model,
+        weights,
+        data,
+        loss,
+        params,
+        col_params,
+        reduction,
+        backend,
+        check_finite,
+        need_loss=kind in ("ggn", "curvature_effect"),
     )
     full = _full_operator(kind, problem, **options)
     if rows == problem.binding.names and cols == problem.binding.names:

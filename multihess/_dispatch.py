@@ -88,7 +88,7 @@ def get_backend(name: str) -> Backend:
 
 
 def _loaded_candidates() -> list[Backend]:
-    out = [get_backend(n) for n, (_, _, fw) in BUILTIN_BACKENDS.items() if fw in sys.modules]
+    out = [get_backend(n) for n, (_, _, fw) in BUILTIN_BACKENDS.items() if sys.modules.get(fw) is not None]
     out += [get_backend(n) for n in _registered]
     return out
 
