@@ -321,7 +321,7 @@ def bench_tensorflow(repeats: int) -> None:
 
     @tf.function
     def hand_hvp() -> Any:
-        with tf.autodiff.ForwardAccumulator(model.trainable_variables, tangents) as acc:
+        with tf.autodiff.ForwardAccumulator([v.value for v in model.trainable_variables], tangents) as acc:
             with tf.GradientTape() as tape:
                 loss = lossf(y, model(x))
             g = tape.gradient(loss, model.trainable_variables)
