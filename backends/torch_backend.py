@@ -22,6 +22,7 @@ from torch import nn
 
 from .._backend import Array, Backend, Linearization, ParameterBinding
 from .._trees import named_leaves, rebuild
+from . import torch_per_sample
 
 _NP_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float64: "float64"}
 
@@ -229,6 +230,13 @@ class TorchBackend(Backend):
             jvp_rows,
             vjp_rows,
         )
+
+    def per_sample_squares(
+        self, f: Callable[[Array, Any], Array], per_cotangent: bool = False
+    ) -> Callable[[Array, Any, Callable[[Array], Array], int], Array]:
+        """Squared per-sample products without holding them for linear layers (see :mod:`.torch_per_sample`)."""
+        generic = lambda g, pc: Backend.per_sample_squares(self, g, pc)  # noqa: E731
+        return torch_per_sample.per_sample_squares(f, per_cotangent, generic)
 
     # ------------------------------------------------------------------ array ops
     def sum(self, x: Array, axis: Any = None, keepdims: bool = False) -> Array:

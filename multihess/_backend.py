@@ -216,6 +216,88 @@ class Backend(abc.ABC):
         return Linearization(out, jvp, vjp, self._map_rows(jvp), self._map_rows(vjp))
 
     # ------------------------------------------------------------------
+    # Per-sample products (exact and Monte Carlo GGN diagonals)
+    # ------------------------------------------------------------------
+    def per_sample_vjp(self, f: Callable[[Array, Any], Array], w: Array, x: Any, U: Array) -> Array:
+        """Vector-Jacobian products of every sample with its own cotangents: shape ``(K, N, P)``.
+
+        ``out[k, n] = J_nᵀ U[k, n]``, where ``J_n`` is the Jacobian in ``w``
+        of the outputs of sample ``n`` evaluated alone, ``f(w, x[n:n+1])[0]``.
+        ``f(w, x)`` maps the flat parameters (``P`` entries) and a batch of
+        inputs (an array, or a tuple of arrays, with the samples along axis
+        0) to outputs of shape ``(N, ...)``; ``U`` has shape ``(K, N, ...)``.
+
+        The default vmaps over the samples a VJP vmapped over the ``K``
+        cotangents (the sample's forward pass runs once), or loops over the
+        samples when :meth:`vmap` returns ``None``.
+        """
+
+        def one_sample(x_n: Any, u_n: Array) -> Array:
+            x_one = _with_sample_axis(x_n)
+            g = lambda p: f(p, x_one)  # noqa: E731
+            return self._map_rows(lambda u: self.vjp(g, w, u[None])[1])(u_n)  # (K, P)
+
+        mapped = self.vmap(one_sample, (0, 1))
+        if mapped is not None:
+            return self.moveaxis(mapped(x, U), 0, 1)
+        rows = []
+        for n in range(self.shape(U)[1]):
+            x_n = _sample_slice(x, n, n + 1)
+            g = lambda p, x_n=x_n: f(p, x_n)  # noqa: E731
+            rows.append(self._map_rows(lambda u, g=g: self.vjp(g, w, u[None])[1])(U[:, n]))
+        return self.stack(rows, axis=1)
+
+    def per_sample_squares(
+        self, f: Callable[[Array, Any], Array], per_cotangent: bool = False
+    ) -> Callable[[Array, Any, Callable[[Array], Array], int], Array]:
+        """Return ``squares(w, x, cotangents, memory_budget)``: ``Σ_n (J_nᵀ U[k, n])²`` entrywise.
+
+        ``U = cotangents(z)`` is computed from the batch's outputs
+        ``z = f(w, x)`` (so that a route which runs the forward pass anyway
+        runs it once); ``f``, ``w``, ``x``, ``U`` and ``J_n`` are as in
+        :meth:`per_sample_vjp`.  The result has shape ``(K, P)`` when
+        ``per_cotangent``, else ``(P,)`` (summed over ``k`` too).  With the
+        columns of the square root of the loss's output Hessian as
+        cotangents this is the exact GGN diagonal.
+
+        The default squares the products of :meth:`per_sample_vjp` on
+        chunks of samples and cotangents holding at most ``memory_budget``
+        bytes of per-sample products, compiled once with :meth:`compile`,
+        and sums the chunks on the device.  A backend may return a function
+        that never holds every per-sample product (the core caches it per
+        operator, like :meth:`hvp_function`).
+        """
+
+        def chunk_squares(w: Array, x: Any, U: Array) -> Array:
+            products = self.per_sample_vjp(f, w, x, U)
+            squares = self.sum(products * products, axis=1)
+            return squares if per_cotangent else self.sum(squares, axis=0)
+
+        compiled = self.compile(chunk_squares)
+
+        def squares(w: Array, x: Any, cotangents: Callable[[Array], Array], memory_budget: int) -> Array:
+            U = cotangents(self.stop_gradient(f(w, x)))
+            K, N = self.shape(U)[:2]
+            per_product = self.shape(w)[0] * _itemsize(self, w)
+            k_chunk = int(max(1, min(K, memory_budget // max(per_product, 1))))
+            n_chunk = int(max(1, min(N, memory_budget // max(k_chunk * per_product, 1))))
+            parts = []
+            for k0 in range(0, K, k_chunk):
+                total = None
+                for n0 in range(0, N, n_chunk):
+                    part = compiled(w, _sample_slice(x, n0, n0 + n_chunk), U[k0 : k0 + k_chunk, n0 : n0 + n_chunk])
+                    total = part if total is None else total + part
+                parts.append(total)
+            if per_cotangent:
+                return parts[0] if len(parts) == 1 else self.concat(parts, axis=0)
+            out = parts[0]
+            for part in parts[1:]:
+                out = out + part
+            return out
+
+        return squares
+
+    # ------------------------------------------------------------------
     # Array operations the core needs (losses, estimators)
     # ------------------------------------------------------------------
     @abc.abstractmethod
@@ -309,3 +391,21 @@ class Backend(abc.ABC):
                 return self.stack([f(w, batch, rows[i]) for i in range(self.shape(rows)[0])])
 
         return self.compile(mapped)
+
+
+def _with_sample_axis(x_n: Any) -> Any:
+    """One sample's inputs (an array or a tuple of arrays) as a batch of one."""
+    return tuple(a[None] for a in x_n) if isinstance(x_n, tuple) else x_n[None]
+
+
+def _sample_slice(x: Any, start: int, stop: int) -> Any:
+    """Samples ``start:stop`` of a batch of inputs (an array or a tuple of arrays)."""
+    return tuple(a[start:stop] for a in x) if isinstance(x, tuple) else x[start:stop]
+
+
+def _itemsize(backend: Backend, x: Array) -> int:
+    """Bytes per entry of ``x`` (2 for types NumPy does not know, such as bfloat16)."""
+    try:
+        return int(np.dtype(backend.dtype_name(x)).itemsize)
+    except TypeError:
+        return 2

@@ -133,6 +133,11 @@ def _resolve_groups(problem: Problem, groups: Any) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
         for name in names:
             out.setdefault(layer_of(name), []).append(name)
+        if ALL in out:
+            raise ValueError(
+                f"a layer is named {ALL!r}, the key reserved for the whole direction; "
+                "pass groups={name: parameters} with other names"
+            )
         return out
     if isinstance(groups, dict):
         items = list(groups.items())

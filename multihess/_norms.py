@@ -5,15 +5,27 @@ from __future__ import annotations
 import numpy as np
 
 from ._estimate import Estimate
-from ._lanczos import host_product
-from ._operator import DENSE_CHUNK, CurvatureOperator
-from ._spectral import check_choice, check_count, check_operator
-
-_DISTRIBUTIONS = ("rademacher", "gaussian")
+from ._operator import CurvatureOperator
+from ._probes import (
+    DISTRIBUTIONS,
+    RunningMoments,
+    check_memory_budget,
+    chunks,
+    draw_probes,
+    probe_dtype,
+    probe_order,
+    rows_per_chunk,
+)
+from ._spectral import check_choice, check_count, check_operator, make_rng
 
 
 def frobenius_norm(
-    op: CurvatureOperator, num_probes: int = 10, seed: int = 0, distribution: str = "rademacher"
+    op: CurvatureOperator,
+    num_probes: int = 10,
+    seed: int | None = 0,
+    distribution: str = "rademacher",
+    *,
+    memory_budget: int | None = None,
 ) -> Estimate:
     """Estimate ``‖A‖_F`` from ``E ‖A z‖² = ‖A‖_F²`` for probes with ``E z zᵀ = I``.
 
@@ -23,11 +35,13 @@ def frobenius_norm(
         Any operator, cross blocks included.
     num_probes : int
         Number of probes ``z``; their products are computed in batches.
-    seed : int
-        Seed of ``numpy.random.default_rng`` for the probes (the same numbers
-        in every framework).
+    seed : int or None
+        Seed of ``numpy.random.default_rng`` for the probes, which are drawn
+        by parameter name: one seed means the same probes in every framework.
     distribution : {"rademacher", "gaussian"}
         Entries of the probes: random signs (lower variance) or standard normal.
+    memory_budget : int, optional
+        Bytes the probes and products of one batch may take (default 1 GiB).
 
     Returns
     -------
@@ -42,23 +56,19 @@ def frobenius_norm(
     """
     op = check_operator(op, "frobenius_norm", symmetric=False)
     num_probes = check_count(num_probes, "num_probes")
-    distribution = check_choice(distribution, "distribution", _DISTRIBUTIONS)
-    n = op.shape[1]
-    rng = np.random.default_rng(seed)
-    if distribution == "rademacher":
-        probes = 2.0 * rng.integers(0, 2, size=(num_probes, n)) - 1.0
-    else:
-        probes = rng.standard_normal((num_probes, n))
-    apply = host_product(op)
-    # ‖A z‖² of each probe, accumulated in float64 on the host.
-    samples = np.concatenate(
-        [np.sum(apply(probes[s : s + DENSE_CHUNK]) ** 2, axis=1) for s in range(0, num_probes, DENSE_CHUNK)]
-    )
-    mean_sq = float(np.mean(samples))
-    value = float(np.sqrt(mean_sq))
-    if num_probes < 2:
-        std_error = float("nan")
-    else:
-        se_sq = float(np.std(samples, ddof=1)) / np.sqrt(num_probes)
-        std_error = se_sq / (2.0 * value) if value > 0 else 0.0
+    distribution = check_choice(distribution, "distribution", DISTRIBUTIONS)
+    budget = check_memory_budget(memory_budget)
+    rng = make_rng(seed)
+    b, like = op.backend, op.cols.w
+    n, order, dtype = op.shape[1], probe_order(op), probe_dtype(op)
+    moments = RunningMoments()
+    for start, stop in chunks(num_probes, rows_per_chunk(op, budget)):
+        Z = b.from_numpy(draw_probes(rng, stop - start, n, distribution, order, dtype), like)
+        AZ = op._matmat_rows(Z)
+        # ‖A z‖² of each probe, reduced on the device: only the chunk's scalars come back.
+        moments.add(np.asarray(b.to_numpy(b.sum(AZ * AZ, axis=1)), dtype=np.float64))
+    mean_sq = float(moments.mean)
+    value = float(np.sqrt(max(mean_sq, 0.0)))
+    se_sq = float(moments.std_error())
+    std_error = se_sq / (2.0 * value) if value > 0 else (0.0 if num_probes > 1 else float("nan"))
     return Estimate(value, std_error, num_probes, "hutchinson")

@@ -4,21 +4,36 @@ from __future__ import annotations
 
 import numbers
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ._backend import Array
-from ._lanczos import host_product, lanczos_extreme, lanczos_quadrature, power_iteration, wanted_indices
+from ._lanczos import (
+    host_product,
+    lanczos_extreme,
+    lanczos_quadrature,
+    power_iteration,
+    product_precision,
+    wanted_indices,
+)
 from ._operator import CurvatureOperator
+from ._probes import draw_probes, probe_order
 
 _WHICH = ("largest", "magnitude")
 _METHODS = ("lanczos", "power")
 _POWER_STEPS = 1000
 """Default cap on power-iteration products per eigenpair."""
+_LANCZOS_STEPS = 300
+"""Default cap on Lanczos steps (raised to ``3k`` for large ``k``, lowered to ``n``)."""
+_GRID_POINTS = 512
 
 
+# ----------------------------------------------------------------------
+# Argument checks shared by the spectral functions and the norm estimators
+# ----------------------------------------------------------------------
 def check_operator(op: Any, what: str, symmetric: bool = True) -> CurvatureOperator:
     """``op`` as a curvature operator (a symmetric one when ``symmetric``), or a clear error."""
     if not isinstance(op, CurvatureOperator):
@@ -34,26 +49,48 @@ def check_operator(op: Any, what: str, symmetric: bool = True) -> CurvatureOpera
 
 
 def check_count(value: Any, name: str, minimum: int = 1) -> int:
-    """A positive integer argument, or a clear error."""
+    """An integer argument of at least ``minimum``, or a clear error."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        raise TypeError(f"{name} must be an int (at least {minimum}), got {type(value).__name__} {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be at least {minimum}, got {value}")
     return int(value)
 
 
 def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
+    """One of ``choices``, or a clear error listing them."""
+    if not isinstance(value, str) or value not in choices:
         raise ValueError(f"unknown {name}={value!r}; choose one of {', '.join(map(repr, choices))}")
     return value
 
 
 def check_positive(value: Any, name: str) -> float:
+    """A positive finite number, or a clear error."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not np.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value}")
     return float(value)
+
+
+def make_rng(seed: Any) -> np.random.Generator:
+    """``numpy.random.default_rng(seed)`` for an int seed (or ``None``), or a clear error."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise TypeError(f"seed must be an int (or None for fresh randomness), got {type(seed).__name__}")
+    if seed is not None and seed < 0:
+        raise ValueError(f"seed must be non-negative, got {seed}")
+    return np.random.default_rng(seed)
+
+
+def random_vectors(op: CurvatureOperator, seed: Any) -> Callable[[int, str], np.ndarray]:
+    """``draw(num, distribution)``: fresh float64 probes of ``op``'s columns from one seed.
+
+    Drawn by parameter name (see ``_probes``), so that a seed means the same
+    vectors for the same parameters in every framework, whatever order the
+    framework keeps them in.
+    """
+    rng, n, order = make_rng(seed), op.shape[1], probe_order(op)
+    return lambda num, distribution: draw_probes(rng, num, n, distribution, order)
 
 
 # ----------------------------------------------------------------------
@@ -66,8 +103,8 @@ def eigvalsh(
     which: str = "largest",
     method: str = "lanczos",
     num_iterations: int | None = None,
-    tol: float = 1e-8,
-    seed: int = 0,
+    tol: float | None = None,
+    seed: int | None = 0,
     return_eigenvectors: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, Array]:
     """The ``k`` top eigenvalues of a symmetric operator (optionally with eigenvectors).
@@ -88,17 +125,20 @@ def eigvalsh(
         eigenvalues).  ``"power"``: power iteration with deflation, slower,
         for comparison.
     num_iterations : int, optional
-        Maximum number of products: Lanczos steps in all (default ``n``), or
-        power iterations per eigenvalue (default 1000).
-    tol : float
-        Convergence tolerance: each wanted Ritz pair must have
-        ``‖A x - θ x‖ ≤ tol · |θ_max|`` (Lanczos, with ``θ_max`` the Ritz
-        value of largest magnitude) or ``≤ tol · |θ|`` (power iteration).
-        Eigenvalues are then accurate to about ``tol²·|θ_max|/gap``, but
-        never better than the precision of the products.
-    seed : int
-        Seed of ``numpy.random.default_rng`` for the starting vectors, so
-        one seed gives the same numbers in every framework.
+        Maximum number of products: Lanczos steps in all (default
+        ``min(n, max(300, 3k))``, at least ``k``), or power iterations per
+        eigenvalue (default 1000).
+    tol : float, optional
+        Convergence tolerance: each wanted pair must have
+        ``‖A x - θ x‖ ≤ tol · s``, with ``s`` an estimate of ``‖A‖`` (the
+        largest Ritz value in magnitude).  An eigenvalue is then accurate to
+        about ``min(tol · s, tol² · s / gap)``, with ``gap`` its distance to
+        the rest of the spectrum, and never better than the precision of the
+        products.  Default: the square root of the machine epsilon of the
+        products' dtype (1.5e-8 in float64, 3.5e-4 in float32).
+    seed : int or None
+        Seed of ``numpy.random.default_rng`` for the starting vectors, drawn
+        by parameter name: one seed gives the same numbers in every framework.
     return_eigenvectors : bool
         Also return the eigenvectors.
 
@@ -111,18 +151,32 @@ def eigvalsh(
         the parameters); column ``i`` belongs to ``values[i]``.  Turn one into
         a parameter tree with ``op.rows.to_tree(vectors[:, i])``.
 
+    Raises
+    ------
+    ValueError
+        For ``k`` outside ``[1, n]``, an unknown ``which`` or ``method``, or
+        a cross block (not symmetric).
+    TypeError
+        For a non-integer ``k`` or ``num_iterations``, or ``op`` that is not
+        a curvature operator.
+
     Notes
     -----
-    The Krylov basis is kept on the host in float64 (``num_steps × n`` numbers);
-    each step moves one vector to the device and back.  Lanczos from one
-    starting vector sees each distinct eigenvalue of an invariant subspace
-    once: copies of a repeated eigenvalue appear only when the Krylov space is
-    exhausted (small ``n``).  A warning is issued when the tolerance is not met
-    within ``num_iterations``.
+    Each step is one product ``op._matmat_rows`` with one vector, which goes
+    to the device in the operator's dtype and comes back; the Krylov basis
+    stays on the host in float64 (``8 · steps · n`` bytes) and every new
+    vector is reorthogonalized against all of it.  Lanczos from one starting
+    vector sees each distinct eigenvalue once while its Krylov space grows:
+    further copies of an eigenvalue of multiplicity > 1 appear only after
+    the space becomes invariant (typically for small ``n`` or low rank),
+    when the run continues from a fresh direction orthogonal to it.  A
+    ``RuntimeWarning`` says when the tolerance was not met within
+    ``num_iterations``.
 
     Examples
     --------
     >>> top = mh.eigvalsh(mh.hessian(model, data=(x, y), loss="cross_entropy"), k=3)  # doctest: +SKIP
+    >>> values, vectors = mh.eigvalsh(H, k=1, return_eigenvectors=True)  # doctest: +SKIP
     """
     op = check_operator(op, "eigvalsh")
     n = op.shape[0]
@@ -131,28 +185,36 @@ def eigvalsh(
         raise ValueError(f"k={k} is larger than the operator's dimension {n}; ask for at most {n} eigenvalues")
     which = check_choice(which, "which", _WHICH)
     method = check_choice(method, "method", _METHODS)
-    tol = check_positive(tol, "tol")
+    eps = product_precision(op)
+    tol = float(np.sqrt(eps)) if tol is None else check_positive(tol, "tol")
     if num_iterations is not None:
         num_iterations = check_count(num_iterations, "num_iterations", minimum=k if method == "lanczos" else 1)
-    rng = np.random.default_rng(seed)
+    draw = random_vectors(op, seed)
     apply = host_product(op)
 
+    def gaussian() -> np.ndarray:
+        return draw(1, "gaussian")[0]
+
     if method == "lanczos":
-        max_steps = n if num_iterations is None else min(num_iterations, n)
-        result = lanczos_extreme(apply, n, k, which, max_steps, tol, rng)
+        default_steps = min(n, max(_LANCZOS_STEPS, 3 * k))
+        max_steps = default_steps if num_iterations is None else min(num_iterations, n)
+        # A residual below this means an invariant subspace: below the tolerance asked for, yet far
+        # above the rounding of the products (at most a few hundred ε in practice).
+        breakdown = max(min(tol, float(np.sqrt(eps))), 1e3 * eps)
+        result = lanczos_extreme(apply, n, k, which, max_steps, tol, breakdown, gaussian)
         idx = wanted_indices(result.values, k, which)
-        values = result.values[idx]
-        converged = result.converged
+        values, converged = result.values[idx], result.converged
         vectors = result.basis.T @ result.vectors[:, idx] if return_eigenvectors else None
     else:
         max_steps = _POWER_STEPS if num_iterations is None else num_iterations
-        values, vectors, converged = power_iteration(apply, n, k, which, max_steps, tol, rng)
+        values, vectors, converged = power_iteration(apply, n, k, which, max_steps, tol, gaussian)
         order = wanted_indices(values, k, which)
         values, vectors = values[order], vectors[:, order]
     if not converged:
+        per = " per eigenvalue" if method == "power" else ""
         warnings.warn(
-            f"eigvalsh: {method} did not reach tol={tol:g} within num_iterations={max_steps}; "
-            "the eigenvalues are less accurate (raise num_iterations or tol)",
+            f"eigvalsh: {method} did not reach tol={tol:g} within {max_steps} products{per}; "
+            "the eigenvalues are less accurate (raise num_iterations, or tol)",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -174,11 +236,15 @@ class SpectralDensity:
     grid : ndarray, shape (g,)
         Points where the density is evaluated.
     density : ndarray, shape (g,)
-        The Gaussian-broadened density of eigenvalues, normalized so that its
-        trapezoidal integral over ``grid`` is 1.
+        ``Σ_p Σ_j weights[p, j] N(t; nodes[p, j], σ²) / num_probes`` at each
+        grid point ``t``.  On the default grid, which covers every node by
+        ``5σ``, it is rescaled so that its trapezoidal integral is exactly 1
+        (it is 1 up to discretization already); on a given grid the values
+        are left as they are.
     nodes : ndarray, shape (num_probes, m)
         Gauss quadrature nodes (Ritz values) of each probe, ascending;
-        ``m = min(num_steps, n)``.
+        ``m = min(num_steps, n)``.  A probe whose Krylov space became
+        invariant after ``m' < m`` steps repeats its last node with weight 0.
     weights : ndarray, shape (num_probes, m)
         Their weights (squared first components of the tridiagonal's
         eigenvectors); each row sums to 1.  ``Σ_j weights[p, j] f(nodes[p, j])``
@@ -200,7 +266,7 @@ def spectral_density(
     num_steps: int = 30,
     grid: int | np.ndarray | None = None,
     sigma: float | None = None,
-    seed: int = 0,
+    seed: int | None = 0,
 ) -> SpectralDensity:
     """The eigenvalue density of a symmetric operator by stochastic Lanczos quadrature.
 
@@ -224,16 +290,27 @@ def spectral_density(
     grid : int or 1-D array, optional
         Number of evenly spaced points (default 512) over
         ``[min node - 5σ, max node + 5σ]``, or the points themselves
-        (increasing).
+        (finite, strictly increasing).
     sigma : float, optional
         Width of the Gaussian broadening; default 1% of the spread of the
         nodes (of their magnitude if they coincide, 0.01 if all are 0).
-    seed : int
-        Seed of ``numpy.random.default_rng`` for the probes.
+    seed : int or None
+        Seed of ``numpy.random.default_rng`` for the probes, drawn by
+        parameter name: one seed gives the same probes in every framework.
 
     Returns
     -------
     SpectralDensity
+
+    Notes
+    -----
+    The bases of all probes are kept on the host in float64:
+    ``8 · num_probes · num_steps · n`` bytes.
+
+    Examples
+    --------
+    >>> sd = mh.spectral_density(mh.hessian(model, data=(x, y), loss="mse"), num_probes=10)  # doctest: +SKIP
+    >>> plt.semilogy(sd.grid, sd.density)  # doctest: +SKIP
     """
     op = check_operator(op, "spectral_density")
     n = op.shape[0]
@@ -243,9 +320,9 @@ def spectral_density(
         sigma = check_positive(sigma, "sigma")
     points = _check_grid(grid)
 
-    rng = np.random.default_rng(seed)
-    starts = (2.0 * rng.integers(0, 2, size=(num_probes, n)) - 1.0) / np.sqrt(n)
-    nodes, weights = lanczos_quadrature(host_product(op), starts, num_steps)
+    starts = random_vectors(op, seed)(num_probes, "rademacher") / np.sqrt(n)
+    breakdown = float(np.sqrt(product_precision(op)))
+    nodes, weights = lanczos_quadrature(host_product(op), starts, num_steps, breakdown)
 
     lo, hi = float(nodes.min()), float(nodes.max())
     if sigma is None:
@@ -253,27 +330,40 @@ def spectral_density(
         sigma = 0.01 * spread if spread > 0 else 0.01
     if isinstance(points, int):
         points = np.linspace(lo - 5 * sigma, hi + 5 * sigma, points)
-    density = _broadened(points, nodes.ravel(), weights.ravel() / num_probes, sigma)
-    mass = _trapezoid(density, points)
-    if not mass > 0:
-        raise ValueError(
-            f"the grid [{points[0]:g}, {points[-1]:g}] holds none of the spectrum, which lies in "
-            f"[{lo:g}, {hi:g}]; widen the grid or let it default"
-        )
-    return SpectralDensity(points, density / mass, nodes, weights, sigma)
+        density = _broadened(points, nodes.ravel(), weights.ravel() / num_probes, sigma)
+        density = density / _trapezoid(density, points)
+    else:
+        density = _broadened(points, nodes.ravel(), weights.ravel() / num_probes, sigma)
+        if not np.any(density > 0):
+            warnings.warn(
+                f"spectral_density: the grid [{points[0]:g}, {points[-1]:g}] holds none of the spectrum, "
+                f"which lies in [{lo:g}, {hi:g}]; the density is 0 there",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return SpectralDensity(points, density, nodes, weights, sigma)
 
 
 def _check_grid(grid: Any) -> int | np.ndarray:
     if grid is None:
-        return 512
+        return _GRID_POINTS
     if isinstance(grid, numbers.Integral) and not isinstance(grid, bool):
         return check_count(grid, "grid", minimum=2)
+    if isinstance(grid, (bool, str, numbers.Number)):
+        raise TypeError(
+            f"grid must be a number of points (an int ≥ 2) or a 1-D array of points, got {type(grid).__name__}"
+        )
     points = np.asarray(grid)
     if points.ndim != 1 or points.size < 2 or points.dtype.kind not in "fiu":
-        raise ValueError("grid must be a number of points (int ≥ 2) or a 1-D array of at least 2 real points")
+        raise ValueError(
+            "grid must be a number of points (an int ≥ 2) or a 1-D array of at least 2 real points; "
+            f"got an array of shape {points.shape} and dtype {points.dtype}"
+        )
     points = points.astype(np.float64)
-    if not np.all(np.isfinite(points)) or np.any(np.diff(points) <= 0):
-        raise ValueError("grid points must be finite and strictly increasing")
+    if not np.all(np.isfinite(points)):
+        raise ValueError("grid points must be finite; drop the NaN/inf entries")
+    if np.any(np.diff(points) <= 0):
+        raise ValueError("grid points must be strictly increasing; sort them and drop duplicates")
     return points
 
 

@@ -1,0 +1,251 @@
+"""The exact GGN diagonal through the square root of the output Hessian, and its Monte Carlo variant.
+
+``G = Σ_n J_nᵀ S_n S_nᵀ J_n`` with ``H_z = S_n S_nᵀ`` per sample, so
+
+    diag(G) = Σ_n Σ_c (J_nᵀ S_n[:, c])²
+
+takes ``C`` vector-Jacobian products per sample (``C`` columns of ``S_n``),
+squared entrywise and summed: the backend's
+:meth:`~multihess.Backend.per_sample_squares`, which works on chunks of
+samples and columns bounded by a memory budget.  The Monte Carlo variant replaces the
+columns by ``k`` random ones, gradients of the loss at sampled labels, with
+``E[r rᵀ] = H_z``.  Nothing here knows about layers: any model the framework
+differentiates works.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ._backend import Array, Backend, ParameterBinding, _sample_slice
+from ._blocks import BlockOperator
+from ._ggn import GGNOperator
+from ._losses import CallableLoss, CrossEntropyLoss, Loss
+from ._operator import CurvatureOperator
+from ._problem import Problem
+from ._spectral import check_count
+
+_SAMPLE_CHECKS = 3
+"""Samples evaluated alone to check that the model treats its inputs independently."""
+
+
+class _State:
+    """What is reused between calls on one operator: compiled functions and per-batch verdicts."""
+
+    def __init__(self) -> None:
+        self.squares: dict[bool, Callable[..., Array]] = {}
+        self.independent: dict[int, bool] = {}
+
+
+_STATES: weakref.WeakKeyDictionary[CurvatureOperator, _State] = weakref.WeakKeyDictionary()
+
+
+def ggn_parts(op: CurvatureOperator, method: str) -> tuple[Problem, ParameterBinding]:
+    """The problem and parameter binding of a GGN (or a diagonal block of one), or a clear error."""
+    inner = op.inner if isinstance(op, BlockOperator) else op
+    if isinstance(inner, GGNOperator) and op.is_symmetric:
+        return inner.problem, op.rows
+    raise ValueError(
+        f"method={method!r} needs a GGN, mh.ggn(...): the exact diagonal and trace come from the square root "
+        f"of the loss's output Hessian, which a {type(inner).__name__} does not have; for this operator use "
+        "method='hutchinson' or 'xdiag' (diagonal), or 'hutchinson', 'hutch++' or 'xtrace' (trace)"
+    )
+
+
+def ggn_diagonal_samples(
+    op: CurvatureOperator, method: str, num_samples: int | None, seed: int, budget: int
+) -> np.ndarray:
+    """The exact GGN diagonal as one row, or ``num_samples`` independent Monte Carlo estimates as rows.
+
+    Float64 NumPy of shape ``(1, P)`` (``"exact"``) or ``(num_samples, P)`` (``"mc"``),
+    in the operator's parameter order.
+    """
+    problem, binding = ggn_parts(op, method)
+    loss = problem.loss
+    if isinstance(loss, CallableLoss):
+        raise ValueError(
+            f"method={method!r} needs a built-in loss with a closed-form output Hessian; a callable loss has "
+            "none: use method='hutchinson' or 'xdiag' (diagonal), or 'hutchinson', 'hutch++' or 'xtrace' (trace)"
+        )
+    k = 1 if num_samples is None else check_count(num_samples, "num_samples")
+    rng = np.random.default_rng(seed)
+    state = _STATES.setdefault(op, _State())
+    b = problem.backend
+    total = None
+    for weight, batch in problem.weighted_batches():
+        y = batch[1]
+        if method == "exact":
+            cotangents = lambda z, y=y: per_sample_roots(b, loss, z, y)  # noqa: E731
+        else:
+            cotangents = lambda z, y=y: sampled_roots(b, loss, z, y, k, rng)  # noqa: E731
+        part = _squares(state, problem, binding, batch, cotangents, per_cotangent=method == "mc", budget=budget)
+        part = part * weight
+        total = part if total is None else total + part
+    return total[None] if method == "exact" else total
+
+
+# ----------------------------------------------------------------------
+# Cotangents: columns of the square root of H_z, exact or sampled
+# ----------------------------------------------------------------------
+def per_sample_roots(b: Backend, loss: Loss, z: Array, y: Array) -> Array:
+    """Columns of a square root of ``H_z`` that act on one sample each: ``(K, N, ...)``.
+
+    The loss's ``sqrt_hz`` gives ``K`` columns for every sample.  For
+    cross-entropy over extra axes (``(N, C, d1, ...)``) a column spans every
+    position of a sample, but ``H_z`` has no terms across positions, so each
+    column is split into one per position (``K = C · d1 · …``).
+    """
+    S = loss.sqrt_hz(b, z, y)
+    shape = b.shape(z)
+    if not isinstance(loss, CrossEntropyLoss) or len(shape) <= 2:
+        return S
+    spatial = shape[2:]
+    positions = math.prod(spatial)
+    mask = np.eye(positions).reshape((positions, 1, 1) + spatial)
+    split = S[:, None] * b.from_numpy(mask, z)  # (C, D, N, C, d1, ...)
+    return b.reshape(split, (shape[1] * positions,) + shape)
+
+
+def sampled_roots(b: Backend, loss: Loss, z: Array, y: Array, k: int, rng: np.random.Generator) -> Array:
+    """``k`` random columns per sample with ``E[r rᵀ] = H_z``: ``(k, N, ...)``.
+
+    Labels ``ŷ`` are drawn (on the host, from ``rng``) from the distribution
+    whose negative log-likelihood is the loss with ``"sum"`` reduction,
+    ``ℓ_sum``: softmax categorical (cross-entropy), Gaussian of variance ½
+    (sum of squares), Bernoulli (BCE) and Poisson.  For these the Fisher
+    identity ``E[∇_z ℓ_sum ∇_z ℓ_sumᵀ] = ∇²_z ℓ_sum`` holds per sample, and
+    the reduced loss has ``H_z = s t ∇²_z ℓ_sum`` with ``s`` the reduction's
+    factor and ``t`` the target mass of a cross-entropy sample (1 for
+    labels).  The gradient of the loss itself at ``ŷ`` is ``s ∇_z ℓ_sum``,
+    so ``r = sqrt(t / s) ∇_z ℓ(z, ŷ)`` has ``E[r rᵀ] = H_z``: the sampled GGN
+    is unbiased.
+    """
+    z_np = np.asarray(b.to_numpy(z), dtype=np.float64)
+    mass = None
+    if isinstance(loss, CrossEntropyLoss):
+        logits = np.moveaxis(z_np, 1, -1)
+        p = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        p /= p.sum(axis=-1, keepdims=True)
+        u = rng.random((k,) + p.shape[:-1])
+        labels = np.minimum((np.cumsum(p, axis=-1) < u[..., None]).sum(axis=-1), p.shape[-1] - 1)
+        # As one-hot probability targets, class axis 1 (the same loss and gradient as integer labels).
+        draws = list(np.moveaxis(np.eye(p.shape[-1])[labels], -1, 2))
+        if b.is_floating(y):  # probability targets: H_z carries each sample's target mass
+            mass = np.expand_dims(np.asarray(b.to_numpy(y), dtype=np.float64).sum(axis=1), 1)
+    elif loss.name == "mse":
+        noise = rng.standard_normal((k,) + z_np.shape) / math.sqrt(2.0)
+        draws = [z_np + noise[j] for j in range(k)]
+    elif loss.name == "bce_with_logits":
+        prob = 1.0 / (1.0 + np.exp(-z_np))
+        draws = list((rng.random((k,) + z_np.shape) < prob).astype(np.float64))
+    elif loss.name == "poisson_nll":
+        draws = list(rng.poisson(np.exp(z_np), size=(k,) + z_np.shape).astype(np.float64))
+    else:
+        raise ValueError(f"method='mc' has no label sampler for loss {loss.name!r}; use method='exact' or 'hutchinson'")
+    factor = np.full((1,) * len(z_np.shape), 1.0 / loss.scale(b, z)) if mass is None else mass / loss.scale(b, z)
+    root = b.from_numpy(np.sqrt(factor), z)
+    targets = b.from_numpy(np.stack(draws), z)
+
+    def sampled_gradient(target: Array) -> Array:
+        return b.value_and_grad(lambda q: loss.value(b, q, target), z)[1]
+
+    # ∇_z ℓ(z, ŷ) for every draw at once (vmapped where the backend can).
+    return b._map_rows(sampled_gradient)(targets) * root
+
+
+# ----------------------------------------------------------------------
+# Sums of squared per-sample products, in chunks
+# ----------------------------------------------------------------------
+def _squares(
+    state: _State,
+    problem: Problem,
+    binding: ParameterBinding,
+    batch: Any,
+    cotangents: Callable[[Array], Array],
+    per_cotangent: bool,
+    budget: int,
+) -> np.ndarray:
+    """``Σ_n (J_nᵀ U[k, n])²`` in float64, ``U = cotangents(z)``: ``(K, P)`` if ``per_cotangent``, else ``(P,)``."""
+    b = problem.backend
+    x = batch[0]
+    if id(batch) not in state.independent:
+        state.independent[id(batch)] = _samples_independent(b, binding, x)
+    if not state.independent[id(batch)]:
+        return _squares_full_batch(b, binding, x, cotangents, per_cotangent, budget)
+    if per_cotangent not in state.squares:
+        state.squares[per_cotangent] = b.per_sample_squares(binding.apply, per_cotangent)
+    part = state.squares[per_cotangent](binding.w, x, cotangents, budget)
+    return np.asarray(b.to_numpy(part), dtype=np.float64)
+
+
+def _samples_independent(b: Backend, binding: ParameterBinding, x: Any) -> bool:
+    """Whether a few samples evaluated alone give the batch's outputs (no batch statistics)."""
+    if not isinstance(x, tuple) and not b.is_array(x):
+        raise TypeError(
+            "exact and Monte Carlo GGN diagonals need the inputs x as an array, or a tuple of arrays, with the "
+            f"samples along axis 0; got {type(x).__name__}"
+        )
+    z = binding.apply(binding.w, x)
+    N = b.shape(z)[0]
+    z_np = np.asarray(b.to_numpy(z), dtype=np.float64)
+    scale = max(1.0, float(np.max(np.abs(z_np))) if z_np.size else 1.0)
+    tol = 10.0 * math.sqrt(_eps(b, z)) * scale
+    for n in sorted({0, N // 2, N - 1})[:_SAMPLE_CHECKS]:
+        try:
+            alone = binding.apply(binding.w, _sample_slice(x, n, n + 1))
+        except Exception:  # a model that cannot run on one sample alone mixes its samples
+            return False
+        alone = np.asarray(b.to_numpy(alone), dtype=np.float64)
+        if alone.shape != z_np[n : n + 1].shape or np.max(np.abs(alone - z_np[n : n + 1]), initial=0.0) > tol:
+            return False
+    return True
+
+
+def _squares_full_batch(
+    b: Backend,
+    binding: ParameterBinding,
+    x: Any,
+    cotangents: Callable[[Array], Array],
+    per_cotangent: bool,
+    budget: int,
+) -> np.ndarray:
+    """The same sums by VJPs through the whole batch, one per (column, sample): exact when samples interact."""
+    lin = b.linearize(binding.apply, binding.w, x)
+    U = cotangents(b.stop_gradient(lin.out))
+    K, N = b.shape(U)[:2]
+    out_shape = b.shape(U)[2:]
+    P = binding.size
+    item = _itemsize(b, binding.w)
+    per_row = (P + N * math.prod(out_shape)) * item
+    rows = int(max(1, budget // max(per_row, 1)))
+    total = np.zeros((K, P))
+    ones = (1,) * len(out_shape)
+    for k in range(K):
+        for n0 in range(0, N, rows):
+            n1 = min(n0 + rows, N)
+            # Row j: column k of sample n0 + j, zero on every other sample.
+            mask = np.zeros((n1 - n0, N) + ones)
+            mask[np.arange(n1 - n0), np.arange(n0, n1)] = 1.0
+            cot = U[k][None] * b.from_numpy(mask, binding.w)
+            grads = lin.vjp_batched(cot)
+            total[k] += np.sum(np.asarray(b.to_numpy(grads * grads), dtype=np.float64), axis=0)
+    return total if per_cotangent else total.sum(axis=0)
+
+
+def _itemsize(b: Backend, like: Array) -> int:
+    try:
+        return int(np.dtype(b.dtype_name(like)).itemsize)
+    except TypeError:
+        return 2
+
+
+def _eps(b: Backend, like: Array) -> float:
+    try:
+        return float(np.finfo(b.dtype_name(like)).eps)
+    except (TypeError, ValueError):
+        return float(np.finfo(np.float16).eps)

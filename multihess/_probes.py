@@ -1,0 +1,193 @@
+"""Random probe vectors from one NumPy seed, and batched products with them.
+
+Probes are drawn on the host in float64 from ``numpy.random.default_rng(seed)``,
+so one seed gives the same probes, hence the same estimates, in every
+framework.  They are generated chunk by chunk from draws that do not depend
+on the chunking (``Generator.random`` and ``Generator.standard_normal`` give
+the same stream whether asked for at once or in pieces), so the memory budget
+changes how the work is batched, never the numbers.
+
+Probe entries are laid out by parameter *name*: a probe is drawn for the
+parameters sorted by name (each raveled row-major) and then permuted into
+the operator's own order.  Frameworks order the same parameters differently
+(JAX sorts dict keys, PyTorch keeps insertion order), and this makes a seed
+mean the same probe for the same parameters everywhere.
+
+Products run through the operator's internal batched entry point
+``_matmat_rows``: each chunk of probes goes to the device once and its
+products come back once.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from ._operator import CurvatureOperator
+
+DISTRIBUTIONS = ("rademacher", "gaussian")
+
+MEMORY_BUDGET = 2**30
+"""Default bound, in bytes, on the probe and product blocks held at once (1 GiB)."""
+
+MAX_ROWS = 64
+"""Most probes sent through one batched product (more would multiply the backend's own working memory)."""
+
+
+def draw_probes(
+    rng: np.random.Generator,
+    num: int,
+    n: int,
+    distribution: str,
+    order: list[slice] | None = None,
+    dtype: Any = np.float64,
+) -> np.ndarray:
+    """``num`` probe vectors of length ``n`` as the rows of an array of ``dtype``.
+
+    ``"rademacher"``: ``1 - 2 b`` for the bits ``b`` of ``⌈n / 64⌉`` raw
+    64-bit draws per probe (``rng.bit_generator.random_raw``, little-endian
+    bit order), which is fast and the same in any chunking; ``"gaussian"``:
+    ``rng.standard_normal`` in float64, rounded to ``dtype``.  Both have
+    ``E[z zᵀ] = I``.  ``order`` (from :func:`probe_order`) rearranges the
+    drawn columns into the operator's parameter order.
+    """
+    if distribution == "rademacher":
+        words = -(-n // 64)
+        raw = rng.bit_generator.random_raw(num * words).astype("<u8", copy=False).reshape(num, words)
+        bits = np.unpackbits(raw.view(np.uint8), axis=1, count=n, bitorder="little").view(np.int8)
+        Z = np.empty((num, n), dtype=dtype)
+        # 1 - 2 b, each parameter's bits written once into its place in the output.
+        start = 0
+        for part in order or [slice(0, n)]:
+            stop = start + part.stop - part.start
+            np.multiply(bits[:, part], -2, out=Z[:, start:stop], casting="unsafe")
+            start = stop
+        Z += 1
+        return Z
+    Z = rng.standard_normal((num, n)).astype(dtype, copy=False)
+    return Z if order is None else np.concatenate([Z[:, part] for part in order], axis=1)
+
+
+def probe_dtype(op: CurvatureOperator) -> Any:
+    """NumPy dtype probes are drawn in: the operator's when NumPy has it (no conversion on the way), else float64."""
+    name = op.backend.dtype_name(op.cols.w)
+    return np.float32 if name == "float32" else np.float64
+
+
+def probe_order(op: CurvatureOperator) -> list[slice] | None:
+    """Where each parameter of the operator lies in a probe drawn for the parameters sorted by name.
+
+    The operator's probe is the concatenation of these column slices of the
+    drawn one; ``None`` when the parameters are already sorted by name.
+    """
+    return order_by_name(op.cols.names, op.cols.sizes)
+
+
+def order_by_name(names: list[str], sizes: list[int]) -> list[slice] | None:
+    """:func:`probe_order` for parameters ``names`` of ``sizes`` entries, laid out in that order."""
+    if names == sorted(names):
+        return None
+    starts, position = {}, 0
+    for name, size in sorted(zip(names, sizes)):
+        starts[name] = position
+        position += size
+    return [slice(starts[n], starts[n] + size) for n, size in zip(names, sizes)]
+
+
+def check_memory_budget(value: Any) -> int:
+    """The memory budget in bytes (default :data:`MEMORY_BUDGET`), or a clear error."""
+    if value is None:
+        return MEMORY_BUDGET
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"memory_budget must be an int number of bytes, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"memory_budget must be a positive number of bytes, got {value}")
+    return int(value)
+
+
+def itemsize(op: CurvatureOperator) -> int:
+    """Bytes per entry of the operator's products."""
+    name = op.backend.dtype_name(op.cols.w)
+    try:
+        return int(np.dtype(name).itemsize)
+    except TypeError:  # bfloat16 and other types NumPy does not know
+        return 2
+
+
+def rows_per_chunk(op: CurvatureOperator, memory_budget: int) -> int:
+    """How many probes one batched product takes within the budget (at least 1, at most :data:`MAX_ROWS`).
+
+    A row costs its probe and its product on the device and both again in
+    float64 on the host.
+    """
+    m, n = op.shape
+    per_row = (m + n) * (itemsize(op) + 8)
+    return int(max(1, min(MAX_ROWS, memory_budget // max(per_row, 1))))
+
+
+def chunks(total: int, size: int) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` of consecutive chunks of at most ``size`` covering ``range(total)``."""
+    for start in range(0, total, size):
+        yield start, min(start + size, total)
+
+
+def apply_rows(op: CurvatureOperator, rows: np.ndarray) -> np.ndarray:
+    """``(A rowsᵀ)ᵀ`` for host ``rows``: one transfer each way, answered in the products' NumPy dtype."""
+    b = op.backend
+    return np.asarray(b.to_numpy(op._matmat_rows(b.from_numpy(np.ascontiguousarray(rows), op.cols.w))))
+
+
+def products(op: CurvatureOperator, rows: np.ndarray, memory_budget: int) -> np.ndarray:
+    """``(A rowsᵀ)ᵀ`` in float64 for ``rows`` of shape ``(k, n)``, in batched chunks."""
+    size = rows_per_chunk(op, memory_budget)
+    parts = [apply_rows(op, rows[a:b]).astype(np.float64, copy=False) for a, b in chunks(rows.shape[0], size)]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def probe_products(
+    op: CurvatureOperator, rng: np.random.Generator, num: int, distribution: str, memory_budget: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Chunks ``(Z, A Z)`` of ``num`` fresh probes (rows) and their products, in :func:`probe_dtype`.
+
+    Only one chunk of probes exists at a time, so Hutchinson-type sums need
+    memory for one chunk however many probes they use.
+    """
+    n, order, dtype = op.shape[1], probe_order(op), probe_dtype(op)
+    for start, stop in chunks(num, rows_per_chunk(op, memory_budget)):
+        Z = draw_probes(rng, stop - start, n, distribution, order, dtype)
+        yield Z, apply_rows(op, Z)
+
+
+class RunningMoments:
+    """Mean and variance of a stream of samples arriving in chunks (Chan et al.'s pairwise update).
+
+    Samples are arrays of one shape (scalars for traces, vectors for
+    diagonals); the variance is over samples, per entry, in float64.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean: np.ndarray | float = 0.0
+        self._m2: np.ndarray | float = 0.0
+
+    def add(self, samples: np.ndarray) -> None:
+        """Add a chunk: ``samples[i]`` is one sample."""
+        k = samples.shape[0]
+        if k == 0:
+            return
+        chunk_mean = samples.mean(axis=0)
+        chunk_m2 = ((samples - chunk_mean) ** 2).sum(axis=0)
+        total = self.count + k
+        delta = chunk_mean - self.mean
+        self.mean = self.mean + delta * (k / total)
+        self._m2 = self._m2 + chunk_m2 + delta**2 * (self.count * k / total)
+        self.count = total
+
+    def std_error(self) -> np.ndarray | float:
+        """Standard error of the mean, ``sqrt(s² / count)``; NaN with fewer than two samples."""
+        if self.count < 2:
+            return np.full_like(np.asarray(self.mean, dtype=np.float64), np.nan)[()]
+        return np.sqrt(self._m2 / (self.count - 1) / self.count)

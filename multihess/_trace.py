@@ -1,0 +1,177 @@
+"""Trace estimators: Hutchinson, Hutch++, XTrace, and the exact or sampled GGN trace."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._estimate import Estimate
+from ._exact_ggn import ggn_diagonal_samples
+from ._operator import CurvatureOperator
+from ._probes import (
+    DISTRIBUTIONS,
+    RunningMoments,
+    check_memory_budget,
+    chunks,
+    draw_probes,
+    probe_dtype,
+    probe_order,
+    products,
+    rows_per_chunk,
+)
+from ._sketch import exchangeable_sketch, product_eps, range_basis
+from ._spectral import check_choice, check_count, check_operator
+
+TRACE_METHODS = ("hutchinson", "hutch++", "xtrace", "exact", "mc")
+_MIN_PROBES = {"hutch++": 3, "xtrace": 2}
+
+
+def trace(
+    op: CurvatureOperator,
+    num_probes: int = 10,
+    *,
+    method: str = "hutchinson",
+    distribution: str = "rademacher",
+    seed: int = 0,
+    num_samples: int | None = None,
+    memory_budget: int | None = None,
+) -> Estimate:
+    """Estimate the trace of a symmetric curvature operator.
+
+    Parameters
+    ----------
+    op : CurvatureOperator
+        A Hessian, a GGN, or a diagonal block of one (``params=``).
+    num_probes : int
+        Products with random vectors the estimate may use: every probe of
+        Hutchinson, all products of Hutch++ (at least 3) and XTrace (at
+        least 2).  Ignored by ``"exact"`` and ``"mc"``.
+    method : {"hutchinson", "hutch++", "xtrace", "exact", "mc"}
+        ``"hutchinson"``: the mean of ``zᵀAz`` over ``num_probes`` probes
+        (Hutchinson 1989).  ``"hutch++"``: Hutch++ (Meyer, Musco, Musco and
+        Woodruff 2021): ``num_probes // 3`` probes sketch the range of ``A``,
+        whose part of the trace is taken exactly, and Hutchinson with the
+        remaining probes, projected off that range, estimates the rest;
+        much more accurate when the spectrum decays.  ``"xtrace"``: XTrace
+        (Epperly, Tropp and Webber 2024): ``num_probes // 2`` test vectors,
+        each used both in the sketch and, leaving itself out of the sketch,
+        as a Hutchinson probe; the estimate averages these exchangeable
+        estimates.  ``"exact"`` (a GGN only): the sum of the exact GGN
+        diagonal, see :func:`diagonal`.  ``"mc"`` (a GGN only): the sum of
+        the Monte Carlo GGN diagonal with ``num_samples`` sampled labels.
+    distribution : {"rademacher", "gaussian"}
+        Entries of the probes: random signs (the lower variance) or standard
+        normal.
+    seed : int
+        Seed of ``numpy.random.default_rng`` for the probes (or the sampled
+        labels): one seed gives the same estimate in every framework.
+    num_samples : int, optional
+        Labels sampled per input for ``method="mc"`` (default 1).
+    memory_budget : int, optional
+        Bytes the probe and product blocks (and, for ``"exact"`` and
+        ``"mc"``, the per-sample gradients) may take at once; default 1 GiB.
+        Probes go through the operator in batches of at most 64 within it.
+
+    Returns
+    -------
+    Estimate
+        ``value`` (float) and ``std_error``:
+
+        - Hutchinson: the sample standard deviation of ``zᵀAz`` over
+          ``sqrt(num_probes)``.  The exact variance of one Rademacher sample
+          is ``2 (‖A‖_F² − Σ a_ii²)``, of a Gaussian one ``2 ‖A‖_F²``.
+        - Hutch++: the same for the Hutchinson part on the remaining probes
+          (the sketched part is exact given the sketch).
+        - XTrace: its built-in error estimate, the standard deviation of
+          the exchangeable estimates over the square root of their number.
+        - exact: 0.  mc: the spread of the ``num_samples`` independent
+          estimates (NaN for one sample).
+
+        A standard error is NaN where a single sample leaves it undefined.
+
+    Notes
+    -----
+    Probes go to the device in batches (at most 64 per product) and each
+    product comes back once.  Hutchinson reduces each ``zᵀAz`` on the device,
+    in the operator's dtype, and averages them in float64 on the host; the
+    sketches of Hutch++ and XTrace are held and processed in float64 on the
+    host (``num_probes × n`` numbers).  Both are exact up to rounding
+    once the sketch captures the whole range of ``A``: with
+    ``num_probes ≥ 3 n`` (Hutch++) or ``≥ 2 n + 2`` (XTrace) for Gaussian
+    probes (almost surely; a few random sign vectors in a small space are
+    often linearly dependent), or when ``A`` has low rank, as a GGN of a
+    small batch does (rank at most ``N·C``).  The probes of all methods are
+    drawn for the parameters sorted by name and then put in the operator's
+    order, so that the same seed gives the same estimate in every framework.
+
+    Examples
+    --------
+    >>> est = mh.trace(mh.hessian(model, data=(x, y), loss="cross_entropy"), 30, method="xtrace")  # doctest: +SKIP
+    >>> est.value, est.std_error  # doctest: +SKIP
+    """
+    op = check_operator(op, "trace")
+    num_probes = check_count(num_probes, "num_probes")
+    method = check_choice(method, "method", TRACE_METHODS)
+    distribution = check_choice(distribution, "distribution", DISTRIBUTIONS)
+    budget = check_memory_budget(memory_budget)
+    if num_samples is not None and method != "mc":
+        raise ValueError(f"num_samples applies to method='mc' only; method={method!r} uses num_probes")
+    if method in ("exact", "mc"):
+        samples = ggn_diagonal_samples(op, method, num_samples, seed, budget).sum(axis=1)
+        return _from_samples(samples, method, exact=method == "exact")
+    minimum = _MIN_PROBES.get(method, 1)
+    if num_probes < minimum:
+        raise ValueError(f"method={method!r} needs num_probes ≥ {minimum}, got {num_probes}")
+    rng = np.random.default_rng(seed)
+    if method == "hutchinson":
+        return _hutchinson(op, rng, num_probes, distribution, budget)
+    if method == "hutch++":
+        return _hutch_plus_plus(op, rng, num_probes, distribution, budget)
+    return _xtrace(op, rng, num_probes, distribution, budget)
+
+
+def _from_samples(samples: np.ndarray, method: str, exact: bool) -> Estimate:
+    """An estimate from independent samples of a scalar (one sample and no error when exact)."""
+    if exact:
+        return Estimate(float(samples[0]), 0.0, 0, method)
+    moments = RunningMoments()
+    moments.add(samples)
+    return Estimate(float(moments.mean), float(moments.std_error()), len(samples), method)
+
+
+def _hutchinson(op: CurvatureOperator, rng: np.random.Generator, num: int, distribution: str, budget: int) -> Estimate:
+    b, like = op.backend, op.cols.w
+    n, order, dtype = op.shape[1], probe_order(op), probe_dtype(op)
+    moments = RunningMoments()
+    for start, stop in chunks(num, rows_per_chunk(op, budget)):
+        Z = b.from_numpy(draw_probes(rng, stop - start, n, distribution, order, dtype), like)
+        # zᵀAz of each probe, reduced on the device: only the chunk's scalars come back.
+        forms = b.sum(Z * op._matmat_rows(Z), axis=1)
+        moments.add(np.asarray(b.to_numpy(forms), dtype=np.float64))
+    return Estimate(float(moments.mean), float(moments.std_error()), num, "hutchinson")
+
+
+def _hutch_plus_plus(
+    op: CurvatureOperator, rng: np.random.Generator, num: int, distribution: str, budget: int
+) -> Estimate:
+    n = op.shape[1]
+    sketch_size = num // 3
+    residual_size = num - 2 * sketch_size
+    # Sketch probes first, then the Hutchinson probes, from one stream.
+    order, dtype = probe_order(op), probe_dtype(op)
+    S = draw_probes(rng, sketch_size, n, distribution, order, dtype).astype(np.float64)
+    G = draw_probes(rng, residual_size, n, distribution, order, dtype).astype(np.float64)
+    Q = range_basis(products(op, S, budget).T, product_eps(op))  # S → AS → basis Q of its range
+    low_rank = float(np.sum(Q * products(op, Q.T, budget).T)) if Q.shape[1] else 0.0  # tr(QᵀAQ)
+    G = G - (G @ Q) @ Q.T  # probes projected off the sketched range: (I − QQᵀ) g
+    samples = np.sum(G * products(op, G, budget), axis=1)
+    moments = RunningMoments()
+    moments.add(samples)
+    return Estimate(low_rank + float(moments.mean), float(moments.std_error()), num, "hutch++")
+
+
+def _xtrace(op: CurvatureOperator, rng: np.random.Generator, num: int, distribution: str, budget: int) -> Estimate:
+    sketch = exchangeable_sketch(op, rng, num // 2, distribution, budget)
+    samples = sketch.trace_samples()
+    moments = RunningMoments()
+    moments.add(samples)
+    return Estimate(float(moments.mean), float(moments.std_error()), num, "xtrace")
