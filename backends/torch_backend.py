@@ -158,8 +158,11 @@ class TorchBackend(Backend):
                 tree = rebuild(weights, _is_tensor, split(flat))
                 return model(tree) if x is None else model(tree, x)
 
+            # Vectors over a subset leave the other parameters out (None in their place).
+            left_out = {n: None for n in named if n not in set(selected)}
+
             def to_tree(flat: torch.Tensor) -> Any:
-                return rebuild(weights, _is_tensor, split(flat))
+                return rebuild(weights, _is_tensor, {**left_out, **split(flat)})
 
         def from_tree(tree: Any) -> torch.Tensor:
             if isinstance(model, nn.Module) and weights is None:
