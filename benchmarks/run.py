@@ -195,9 +195,9 @@ def bench_torch_third_party(
         from curvlinops import GGNLinearOperator, HessianLinearOperator, hutchinson_trace
 
         try:
-            data = [(x, y)]
-            H = HessianLinearOperator(model, loss_fn, params, data, check_deterministic=False)
-            G = GGNLinearOperator(model, loss_fn, params, data, check_deterministic=False)
+            data, criterion = [(x, y)], torch.nn.CrossEntropyLoss()  # curvlinops reads .reduction
+            H = HessianLinearOperator(model, criterion, params, data, check_deterministic=False)
+            G = GGNLinearOperator(model, criterion, params, data, check_deterministic=False)
             row(name, "curvlinops HVP", median_time(lambda: H @ v, sync, repeats), base)
             row(name, "curvlinops GGN-vector product", median_time(lambda: G @ v, sync, repeats), base)
             row(
