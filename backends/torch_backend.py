@@ -85,6 +85,9 @@ def _grad_rows(outputs: torch.Tensor, inputs: torch.Tensor, rows: torch.Tensor) 
     """Vector-Jacobian products for each row of ``rows`` through a kept graph."""
     if not outputs.requires_grad:
         return torch.zeros((rows.shape[0],) + inputs.shape, dtype=inputs.dtype, device=inputs.device)
+    if rows.shape[0] == 1:
+        # One row: a plain backward; is_grads_batched would run it under vmap, which costs more.
+        return torch.autograd.grad(outputs, inputs, rows[0], retain_graph=True)[0][None]
     try:
         return torch.autograd.grad(outputs, inputs, rows, retain_graph=True, is_grads_batched=True)[0]
     except RuntimeError as err:

@@ -303,19 +303,20 @@ def lanczos_quadrature(
     """
     p, n = starts.shape
     norms = np.linalg.norm(starts, axis=1)
-    bases = np.empty((p, num_steps, n))  # the whole Krylov basis of each start
+    # The Krylov bases, step-major: the vectors of step j (one per start) are one contiguous block.
+    bases = np.empty((num_steps, p, n))
     alpha = np.zeros((p, num_steps))
     beta = np.zeros((p, num_steps))
     steps = np.zeros(p, dtype=int)
     active = np.ones(p, dtype=bool)
     scale = np.zeros(p)
     W, work = np.empty((p, n)), np.empty((p, n))
-    bases[:, 0] = starts / norms[:, None]
+    bases[0] = starts / norms[:, None]
     for j in range(num_steps):
-        Q = bases[:, j]
+        Q = bases[j]
         apply(Q, out=W)  # v → Av for every start at once
         # Minus each start's projection on its own Lanczos vectors (the last coefficient is α_j).
-        a, norm_aq, b = _orthogonalize_each(bases[:, : j + 1], W, work, active)
+        a, norm_aq, b = _orthogonalize_each(bases[: j + 1].swapaxes(0, 1), W, work, active)
         scale = np.maximum(scale, norm_aq)
         alpha[active, j] = a[active]
         steps[active] = j + 1
@@ -323,7 +324,7 @@ def lanczos_quadrature(
         if j + 1 == num_steps or not active.any():
             break
         beta[active, j] = b[active]
-        following = bases[:, j + 1]
+        following = bases[j + 1]
         np.divide(W, np.where(active, b, 1.0)[:, None], out=following)
         # A start that stopped keeps its last vector, only to hold the product's shape.
         following[~active] = Q[~active]
@@ -346,18 +347,23 @@ def _orthogonalize_each(
     row's coefficient on its last basis vector and its norms before and
     after.  Rows of starts that stopped do not ask for a second pass.
     """
-    before = norm = np.linalg.norm(W, axis=1)
+    before = norm = _row_norms(W)
     last = np.zeros(W.shape[0])
     for _ in range(2):
         coefs = np.matmul(bases, W[:, :, None])  # (p, m, 1)
         np.matmul(np.swapaxes(coefs, 1, 2), bases, out=work[:, None, :])
         W -= work
         last += coefs[:, -1, 0]
-        reduced = np.linalg.norm(W, axis=1)
+        reduced = _row_norms(W)
         if np.all(reduced[active] > _REPEAT_BELOW * norm[active]):
             break
         norm = reduced
     return last, before, reduced
+
+
+def _row_norms(W: np.ndarray) -> np.ndarray:
+    """Euclidean norm of each row, without a temporary the size of ``W``."""
+    return np.sqrt(np.einsum("ij,ij->i", W, W))
 
 
 # ----------------------------------------------------------------------
