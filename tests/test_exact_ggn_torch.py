@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from multihess.backends import torch_per_sample
 from torch import nn
 
 import multihess as mh
+from multihess.backends import torch_per_sample
 
 torch.set_num_threads(1)
 

@@ -20,9 +20,8 @@ import pytest  # noqa: E402
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-from multihess.backends.tensorflow_backend import TensorFlowBackend  # noqa: E402
-
 import multihess as mh  # noqa: E402
+from multihess.backends.tensorflow_backend import TensorFlowBackend  # noqa: E402
 
 N, D, HID, C = 6, 3, 4, 3
 
