@@ -6,6 +6,11 @@ backward) of the same loss in the same framework.  Usage::
 
     python benchmarks/run.py                      # CPU, small shapes, all installed frameworks
     python benchmarks/run.py --device cuda --scale full --frameworks torch jax
+
+PyHessian and curvlinops rows appear when those packages import.  On a CPU,
+Lanczos and spectral-density rows depend on NumPy's BLAS threads: OpenBLAS
+threads keep spinning after each host-side float64 product and slow down the
+framework's next product on the same cores; ``OPENBLAS_NUM_THREADS=1`` avoids it.
 """
 
 from __future__ import annotations
