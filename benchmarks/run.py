@@ -130,28 +130,7 @@ def bench_torch_model(name: str, model: Any, x: Any, y: Any, sync: Callable[[Any
     except Exception as err:
         print(f"{name:>12} | hand-written trace: fails ({type(err).__name__}: {str(err)[:60]})")
 
-    if hasattr(mh, "trace"):
-        row(
-            name,
-            f"multihess {PROBES}-probe Hutchinson trace (Hessian)",
-            median_time(lambda: mh.trace(H, num_probes=PROBES, seed=0), sync, repeats),
-            base,
-        )
-        row(
-            name,
-            "multihess exact GGN trace",
-            median_time(lambda: mh.trace(G, method="exact"), sync, max(1, repeats // 3), warmup=1),
-            base,
-        )
-    if hasattr(mh, "eigvalsh"):
-        row(
-            name,
-            f"multihess top eigenvalue, {LANCZOS_STEPS} Lanczos steps",
-            median_time(
-                lambda: mh.eigvalsh(H, k=1, num_iterations=LANCZOS_STEPS, tol=1e-30), sync, max(1, repeats // 3), 1
-            ),
-            base,
-        )
+    extra_rows(name, H, G, sync, repeats, base)
     bench_torch_third_party(name, model, x, y, v, sync, repeats, base)
     row(
         name,

@@ -8,8 +8,9 @@ from typing import Any
 import numpy as np
 
 from ._ggn import GGNOperator
+from ._groups import resolve_groups
 from ._hessian import HessianOperator
-from ._problem import Problem, build_problem, select_names
+from ._problem import Problem, build_problem
 
 ALL = "all"
 """Key of the result for the whole direction."""
@@ -120,52 +121,16 @@ def _gradient(problem: Problem) -> Any:
     return b.stop_gradient(total)
 
 
-def layer_of(name: str) -> str:
-    """The layer a parameter belongs to: its name up to the last ``"."`` or ``"/"`` (the name itself if none)."""
-    cut = max(name.rfind("."), name.rfind("/"))
-    return name[:cut] if cut > 0 else name
-
-
 def _resolve_groups(problem: Problem, groups: Any) -> dict[str, list[str]]:
     """Group name → parameter names (in parameter order), checked against the selected parameters."""
-    names = problem.binding.names
-    if groups is None:
-        out: dict[str, list[str]] = {}
-        for name in names:
-            out.setdefault(layer_of(name), []).append(name)
-        if ALL in out:
+    selected = set(problem.binding.names)
+    named = [(n, p) for n, p in problem.backend.named_parameters(problem.model, problem.weights) if n in selected]
+    out = resolve_groups(named, groups, "the selected parameters")
+    if ALL in out:
+        if groups is None:
             raise ValueError(
                 f"a layer is named {ALL!r}, the key reserved for the whole direction; "
                 "pass groups={name: parameters} with other names"
             )
-        return out
-    if isinstance(groups, dict):
-        items = list(groups.items())
-    elif isinstance(groups, (list, tuple)):
-        items = []
-        for g in groups:
-            if not isinstance(g, str):
-                raise TypeError(
-                    f"groups given as a list must hold parameter names or glob patterns, got {type(g).__name__}; "
-                    "use a dict {group_name: parameters} to group arrays"
-                )
-            items.append((g, g))
-    else:
-        raise TypeError(
-            f"groups must be None, a dict {{group_name: names or patterns}} or a list of patterns, "
-            f"got {type(groups).__name__}"
-        )
-    if not items:
-        raise ValueError("groups is empty; leave it out for one group per layer")
-    named = [(n, p) for n, p in problem.backend.named_parameters(problem.model, problem.weights) if n in set(names)]
-    out = {}
-    for key, spec in items:
-        if not isinstance(key, str):
-            raise TypeError(f"group names must be strings, got {key!r}")
-        if key == ALL:
-            raise ValueError(f"{ALL!r} is reserved for the whole direction; rename that group")
-        try:
-            out[key] = select_names(named, spec)
-        except ValueError as err:
-            raise ValueError(f"group {key!r}: {err} (among the selected parameters)") from None
+        raise ValueError(f"{ALL!r} is reserved for the whole direction; rename that group")
     return out

@@ -9,11 +9,11 @@ import numpy as np
 
 from ._backend import ParameterBinding
 from ._blocks import BlockOperator
-from ._chain_rule_error import layer_of
 from ._diagonal import _to_framework
 from ._estimate import Estimate
 from ._exact_ggn import ggn_diagonal_samples
 from ._ggn import GGNOperator
+from ._groups import resolve_groups as resolve_named_groups
 from ._operator import CurvatureOperator
 from ._probes import (
     DISTRIBUTIONS,
@@ -26,7 +26,7 @@ from ._probes import (
     probe_dtype,
     rows_per_chunk,
 )
-from ._problem import Problem, select_names
+from ._problem import Problem
 from ._spectral import check_choice, check_count, check_operator, eigvalsh
 
 SUMMARY_METHODS = ("exact", "mc", "hutchinson")
@@ -148,39 +148,7 @@ def summary(
 
 def resolve_groups(op: CurvatureOperator, groups: Any) -> dict[str, list[str]]:
     """Group name → parameter names (in the operator's order), checked against the operator's parameters."""
-    names = op.rows.names
-    if groups is None:
-        out: dict[str, list[str]] = {}
-        for name in names:
-            out.setdefault(layer_of(name), []).append(name)
-        return out
-    if isinstance(groups, dict):
-        items = list(groups.items())
-    elif isinstance(groups, (list, tuple)):
-        for g in groups:
-            if not isinstance(g, str):
-                raise TypeError(
-                    f"groups given as a list must hold parameter names or glob patterns, got {type(g).__name__}; "
-                    "use a dict {group_name: parameters} to group arrays"
-                )
-        items = [(g, g) for g in groups]
-    else:
-        raise TypeError(
-            f"groups must be None, a dict {{group_name: names or patterns}} or a list of patterns, "
-            f"got {type(groups).__name__}"
-        )
-    if not items:
-        raise ValueError("groups is empty; leave it out for one group per layer")
-    named = _named_arrays(op)
-    out = {}
-    for key, spec in items:
-        if not isinstance(key, str):
-            raise TypeError(f"group names must be strings, got {key!r}")
-        try:
-            out[key] = select_names(named, spec)
-        except ValueError as err:
-            raise ValueError(f"group {key!r}: {err} (among the operator's parameters)") from None
-    return out
+    return resolve_named_groups(_named_arrays(op), groups, "the operator's parameters")
 
 
 def _problem_of(op: CurvatureOperator) -> Problem | None:
