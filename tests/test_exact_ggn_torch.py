@@ -15,7 +15,14 @@ from torch import nn
 import multihess as mh
 from multihess.backends import torch_per_sample
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models run faster on one thread; restored so other test files keep their setting.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def oracle_roots(model: nn.Module, x: torch.Tensor, loss: str) -> tuple[np.ndarray, np.ndarray]:
