@@ -6,16 +6,7 @@ import numpy as np
 
 from ._estimate import Estimate
 from ._operator import CurvatureOperator
-from ._probes import (
-    DISTRIBUTIONS,
-    RunningMoments,
-    check_memory_budget,
-    chunks,
-    draw_probes,
-    probe_dtype,
-    probe_order,
-    rows_per_chunk,
-)
+from ._probes import DISTRIBUTIONS, RunningMoments, check_memory_budget, probe_reductions
 from ._spectral import check_choice, check_count, check_operator, make_rng
 
 
@@ -59,14 +50,11 @@ def frobenius_norm(
     distribution = check_choice(distribution, "distribution", DISTRIBUTIONS)
     budget = check_memory_budget(memory_budget)
     rng = make_rng(seed)
-    b, like = op.backend, op.cols.w
-    n, order, dtype = op.shape[1], probe_order(op), probe_dtype(op)
+    b = op.backend
     moments = RunningMoments()
-    for start, stop in chunks(num_probes, rows_per_chunk(op, budget)):
-        Z = b.from_numpy(draw_probes(rng, stop - start, n, distribution, order, dtype), like)
-        AZ = op._matmat_rows(Z)
-        # ‖A z‖² of each probe, reduced on the device: only the chunk's scalars come back.
-        moments.add(np.asarray(b.to_numpy(b.sum(AZ * AZ, axis=1)), dtype=np.float64))
+    # ‖A z‖² of each probe, reduced on the device: only the chunk's scalars come back.
+    for squares in probe_reductions(op, rng, num_probes, distribution, budget, lambda Z, AZ: b.sum(AZ * AZ, axis=1)):
+        moments.add(squares)
     mean_sq = float(moments.mean)
     value = float(np.sqrt(max(mean_sq, 0.0)))
     se_sq = float(moments.std_error())

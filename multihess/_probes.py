@@ -21,7 +21,7 @@ products come back once.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -159,6 +159,27 @@ def probe_products(
     for start, stop in chunks(num, rows_per_chunk(op, memory_budget)):
         Z = draw_probes(rng, stop - start, n, distribution, order, dtype)
         yield Z, apply_rows(op, Z)
+
+
+def probe_reductions(
+    op: CurvatureOperator,
+    rng: np.random.Generator,
+    num: int,
+    distribution: str,
+    memory_budget: int,
+    reduce: Callable[[Any, Any], Any],
+) -> Iterator[np.ndarray]:
+    """Chunks of ``reduce(Z, A Z)`` for ``num`` fresh probes, computed on the device.
+
+    ``reduce`` maps a chunk of probes and their products (framework arrays,
+    one probe per row) to one number per probe; only those numbers come back
+    to the host, in float64.
+    """
+    b, like = op.backend, op.cols.w
+    n, order, dtype = op.shape[1], probe_order(op), probe_dtype(op)
+    for start, stop in chunks(num, rows_per_chunk(op, memory_budget)):
+        Z = b.from_numpy(draw_probes(rng, stop - start, n, distribution, order, dtype), like)
+        yield np.asarray(b.to_numpy(reduce(Z, op._matmat_rows(Z))), dtype=np.float64)
 
 
 class RunningMoments:

@@ -11,12 +11,11 @@ from ._probes import (
     DISTRIBUTIONS,
     RunningMoments,
     check_memory_budget,
-    chunks,
     draw_probes,
     probe_dtype,
     probe_order,
+    probe_reductions,
     products,
-    rows_per_chunk,
 )
 from ._sketch import exchangeable_sketch, product_eps, range_basis
 from ._spectral import check_choice, check_count, check_operator
@@ -139,14 +138,11 @@ def _from_samples(samples: np.ndarray, method: str, exact: bool) -> Estimate:
 
 
 def _hutchinson(op: CurvatureOperator, rng: np.random.Generator, num: int, distribution: str, budget: int) -> Estimate:
-    b, like = op.backend, op.cols.w
-    n, order, dtype = op.shape[1], probe_order(op), probe_dtype(op)
+    b = op.backend
     moments = RunningMoments()
-    for start, stop in chunks(num, rows_per_chunk(op, budget)):
-        Z = b.from_numpy(draw_probes(rng, stop - start, n, distribution, order, dtype), like)
-        # zᵀAz of each probe, reduced on the device: only the chunk's scalars come back.
-        forms = b.sum(Z * op._matmat_rows(Z), axis=1)
-        moments.add(np.asarray(b.to_numpy(forms), dtype=np.float64))
+    # zᵀAz of each probe, reduced on the device: only the chunk's scalars come back.
+    for forms in probe_reductions(op, rng, num, distribution, budget, lambda Z, AZ: b.sum(Z * AZ, axis=1)):
+        moments.add(forms)
     return Estimate(float(moments.mean), float(moments.std_error()), num, "hutchinson")
 
 
