@@ -13,6 +13,7 @@ from ._estimate import Estimate
 from ._losses import LOSSES
 from ._norms import frobenius_norm
 from ._operator import CurvatureOperator
+from ._report import report
 from ._spectral import SpectralDensity, eigvalsh, spectral_density
 from ._summary import BlockSummary, summary
 from ._trace import trace
@@ -39,6 +40,7 @@ __all__ = [
     "ggn",
     "hessian",
     "register_backend",
+    "report",
     "spectral_density",
     "summary",
     "trace",
