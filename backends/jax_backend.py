@@ -88,17 +88,15 @@ def _is_traceable(leaf: Any) -> bool:
     return isinstance(leaf, (jax.Array, np.ndarray, np.generic))
 
 
-@jax.jit
-def _all_finite(x: Array) -> Array:
-    return jnp.isfinite(x).all()
-
-
 class JaxBackend(Backend):
     """The JAX backend (``backend="jax"``)."""
 
     name = "jax"
-    module_name = "jax"
     eager = False
+
+    @property
+    def xp(self) -> Any:
+        return jnp
 
     # ------------------------------------------------------------------ detection
     def owns(self, obj: Any) -> bool:
@@ -120,7 +118,7 @@ class JaxBackend(Backend):
     def to_numpy(self, x: Array) -> np.ndarray:
         return np.asarray(jax.device_get(x))
 
-    def from_numpy(self, a: np.ndarray, like: Array) -> Array:
+    def asarray(self, a: np.ndarray, like: Array) -> Array:
         a = np.asarray(a)
         # Floats take the parameters' dtype; labels stay integer (int32 unless x64 is on).
         dtype = like.dtype if a.dtype.kind == "f" else None
@@ -129,9 +127,6 @@ class JaxBackend(Backend):
         out = jnp.asarray(a, dtype=dtype)
         devices = like.devices()
         return jax.device_put(out, next(iter(devices))) if len(devices) == 1 else out
-
-    def dtype_name(self, x: Array) -> str:
-        return np.dtype(x.dtype).name
 
     # ------------------------------------------------------------------ parameters
     def _tree_and_call(self, model: Any, weights: Any) -> tuple[Any, Callable[[Any, Any], Any]]:
@@ -228,69 +223,8 @@ class JaxBackend(Backend):
 
         return call
 
-    def _rowwise(self, f: Callable[[Array, Any, Array], Array]) -> Callable[[Array, Any, Array], Array]:
-        # A single row (matvec, Lanczos, CG) skips vmap: XLA's code for the
-        # unbatched chain is ~10% faster on CPU than the vmapped chain at k=1.
-        batched = self.compile(jax.vmap(f, in_axes=(None, None, 0)))
-        single = self.compile(lambda w, batch, rows: f(w, batch, rows[0])[None])
-
-        def rows_product(w: Array, batch: Any, rows: Array) -> Array:
-            return (single if rows.shape[0] == 1 else batched)(w, batch, rows)
-
-        return rows_product
-
-    # ------------------------------------------------------------------ array ops
-    def sum(self, x: Array, axis: Any = None, keepdims: bool = False) -> Array:
-        return jnp.sum(x, axis=axis, keepdims=keepdims)
-
-    def max(self, x: Array, axis: int, keepdims: bool = False) -> Array:
-        return jnp.max(x, axis=axis, keepdims=keepdims)
-
-    def exp(self, x: Array) -> Array:
-        return jnp.exp(x)
-
-    def log(self, x: Array) -> Array:
-        return jnp.log(x)
-
-    def sqrt(self, x: Array) -> Array:
-        return jnp.sqrt(x)
-
-    def sigmoid(self, x: Array) -> Array:
-        return jax.nn.sigmoid(x)
-
-    def softplus(self, x: Array) -> Array:
-        return jax.nn.softplus(x)
-
-    def one_hot(self, labels: Array, num_classes: int, like: Array) -> Array:
-        return jax.nn.one_hot(labels, num_classes, dtype=like.dtype)
-
-    def moveaxis(self, x: Array, source: int, destination: int) -> Array:
-        return jnp.moveaxis(x, source, destination)
-
-    def reshape(self, x: Array, shape: tuple[int, ...]) -> Array:
-        return jnp.reshape(x, shape)
-
-    def stack(self, xs: Sequence[Array], axis: int = 0) -> Array:
-        return jnp.stack(list(xs), axis=axis)
-
-    def concat(self, xs: Sequence[Array], axis: int = 0) -> Array:
-        return jnp.concatenate(list(xs), axis=axis)
-
-    def transpose(self, x: Array) -> Array:
-        return jnp.transpose(x)
-
-    def zeros_like(self, x: Array) -> Array:
-        return jnp.zeros_like(x)
-
     def stop_gradient(self, x: Array) -> Array:
         return jax.lax.stop_gradient(x)
-
-    def is_floating(self, x: Array) -> bool:
-        return bool(jnp.issubdtype(x.dtype, jnp.floating))
-
-    def all_finite(self, x: Array) -> bool:
-        # One compiled reduction and one host read.
-        return bool(_all_finite(x))
 
 
 def _flatten_by_name(

@@ -51,7 +51,10 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from .._arrays import shape as shape_of
 from .._backend import Array, Backend, Linearization, ParameterBinding
+from .._per_sample import generic_squares
+from . import tensorflow_namespace
 
 _ZERO = tf.UnconnectedGradients.ZERO
 _HVP_MODES = ("reverse", "forward")
@@ -209,8 +212,8 @@ class TensorFlowBackend(Backend):
     """
 
     name = "tensorflow"
-    module_name = "tensorflow"
     eager = False
+    xp = tensorflow_namespace
 
     def __init__(self, hvp_mode: str = "reverse", jvp_mode: str = "transpose", jit_compile: bool = False) -> None:
         if hvp_mode not in _HVP_MODES:
@@ -239,7 +242,7 @@ class TensorFlowBackend(Backend):
     def to_numpy(self, x: Array) -> np.ndarray:
         return np.asarray(_as_tensor(x).numpy())
 
-    def from_numpy(self, a: np.ndarray, like: Array) -> Array:
+    def asarray(self, a: np.ndarray, like: Array) -> Array:
         a = np.asarray(a)
         if a.dtype.kind == "f":
             # Floats take the parameters' dtype; labels keep their integer dtype.
@@ -249,9 +252,6 @@ class TensorFlowBackend(Backend):
             with tf.device(device):
                 return tf.constant(a)
         return tf.constant(a)
-
-    def dtype_name(self, x: Array) -> str:
-        return _dtype(x).name
 
     # ------------------------------------------------------------------ parameters
     def _stateful(self, model: Any, weights: Any) -> bool:
@@ -400,7 +400,7 @@ class TensorFlowBackend(Backend):
 
     def hvp_function(self, loss: Callable[[Array, Any], Array]) -> Callable[[Array, Any, Array], Array]:
         if self.hvp_mode == "forward":
-            return self._rowwise(self._forward_over_reverse(loss))
+            return self.rowwise(self._forward_over_reverse(loss))
 
         def gradient_under(outer: tf.GradientTape, w: tf.Tensor, batch: Any) -> tf.Tensor:
             outer.watch(w)
@@ -427,7 +427,7 @@ class TensorFlowBackend(Backend):
 
         return hvp_one
 
-    def _rowwise(self, f: Callable[[Array, Any, Array], Array]) -> Callable[[Array, Any, Array], Array]:
+    def rowwise(self, f: Callable[[Array, Any, Array], Array]) -> Callable[[Array, Any, Array], Array]:
         def single(w: tf.Tensor, batch: Any, rows: tf.Tensor) -> tf.Tensor:
             return f(w, batch, rows[0])[None]
 
@@ -478,6 +478,12 @@ class TensorFlowBackend(Backend):
             out, lambda v: jvp_batched(v[None])[0], lambda u: vjp_batched(u[None])[0], jvp_batched, vjp_batched
         )
 
+    def per_sample_squares(
+        self, f: Callable[[Array, Any], Array], per_cotangent: bool = False
+    ) -> Callable[[Array, Any, Callable[[Array], Array], int], Array]:
+        """The generic squares of per-sample products, with the pairs batched by :meth:`per_sample_vjp`."""
+        return generic_squares(self, f, per_cotangent, vjps=self.per_sample_vjp)
+
     def per_sample_vjp(self, f: Callable[[Array, Any], Array], w: Array, x: Any, U: Array) -> Array:
         """``out[k, n] = J_nᵀ U[k, n]``, every (cotangent, sample) pair in one ``tf.vectorized_map``.
 
@@ -485,7 +491,7 @@ class TensorFlowBackend(Backend):
         into batched ops (the inputs tiled ``K`` times), where a loop over
         pairs would trace ``K · N`` copies of the model.
         """
-        K, N = self.shape(U)[:2]
+        K, N = shape_of(U)[:2]
         tiled = tuple(_tile_samples(a, K) for a in x) if isinstance(x, tuple) else _tile_samples(x, K)
         pairs = tf.reshape(U, (K * N,) + tuple(U.shape[2:]))  # cotangent k of sample n at row k·N + n
 
@@ -495,75 +501,10 @@ class TensorFlowBackend(Backend):
             return self.vjp(lambda p: f(p, x_one), w, u_n[None])[1]
 
         out = tf.vectorized_map(one_pair, (tiled, pairs))
-        return tf.reshape(out, (K, N, self.shape(w)[0]))
-
-    # ------------------------------------------------------------------ array ops
-    def sum(self, x: Array, axis: Any = None, keepdims: bool = False) -> Array:
-        return tf.reduce_sum(x, axis=axis, keepdims=keepdims)
-
-    def max(self, x: Array, axis: int, keepdims: bool = False) -> Array:
-        return tf.reduce_max(x, axis=axis, keepdims=keepdims)
-
-    def exp(self, x: Array) -> Array:
-        return tf.exp(x)
-
-    def log(self, x: Array) -> Array:
-        return tf.math.log(x)
-
-    def sqrt(self, x: Array) -> Array:
-        return tf.sqrt(x)
-
-    def sigmoid(self, x: Array) -> Array:
-        return tf.sigmoid(x)
-
-    def softplus(self, x: Array) -> Array:
-        return tf.math.softplus(x)
-
-    def one_hot(self, labels: Array, num_classes: int, like: Array) -> Array:
-        labels = _as_tensor(labels)
-        if labels.dtype not in (tf.int32, tf.int64, tf.uint8):
-            labels = tf.cast(labels, tf.int64)
-        return tf.one_hot(labels, num_classes, dtype=_dtype(like))
-
-    def moveaxis(self, x: Array, source: int, destination: int) -> Array:
-        rank = len(x.shape)
-        perm = list(range(rank))
-        source, destination = source % rank, destination % rank
-        perm.insert(destination, perm.pop(source))
-        return tf.transpose(x, perm)
-
-    def reshape(self, x: Array, shape: tuple[int, ...]) -> Array:
-        return tf.reshape(x, shape)
-
-    def stack(self, xs: Sequence[Array], axis: int = 0) -> Array:
-        xs = list(xs)
-        # One array (every matvec) needs no copy: a new axis is a view.
-        return tf.expand_dims(xs[0], axis) if len(xs) == 1 else tf.stack(xs, axis=axis)
-
-    def concat(self, xs: Sequence[Array], axis: int = 0) -> Array:
-        return tf.concat(list(xs), axis=axis)
-
-    def transpose(self, x: Array) -> Array:
-        return tf.transpose(x)
-
-    def zeros_like(self, x: Array) -> Array:
-        return tf.zeros_like(x)
+        return tf.reshape(out, (K, N, shape_of(w)[0]))
 
     def stop_gradient(self, x: Array) -> Array:
         return tf.stop_gradient(x)
-
-    def is_floating(self, x: Array) -> bool:
-        return _dtype(x).is_floating
-
-    def all_finite(self, x: Array) -> bool:
-        x = _as_tensor(x)
-        if not x.dtype.is_floating:
-            return True
-        # A finite sum proves every entry finite and needs no boolean array; only
-        # a non-finite sum (NaN/inf, or overflow of finite entries) needs the full test.
-        if bool(tf.math.is_finite(tf.reduce_sum(x))):
-            return True
-        return bool(tf.reduce_all(tf.math.is_finite(x)))
 
 
 # ----------------------------------------------------------------------------- helpers of bind

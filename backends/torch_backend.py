@@ -16,15 +16,15 @@ import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import array_api_compat.torch
 import numpy as np
 import torch
 from torch import nn
 
 from .._backend import Array, Backend, Linearization, ParameterBinding
+from .._per_sample import generic_squares
 from .._trees import named_leaves, rebuild
 from . import torch_per_sample
-
-_NP_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float64: "float64"}
 
 
 def _is_tensor(x: Any) -> bool:
@@ -101,8 +101,11 @@ class TorchBackend(Backend):
     """The PyTorch backend (``backend="torch"``)."""
 
     name = "torch"
-    module_name = "torch"
     eager = True
+
+    @property
+    def xp(self) -> Any:
+        return array_api_compat.torch
 
     # ------------------------------------------------------------------ detection
     def owns(self, obj: Any) -> bool:
@@ -117,13 +120,10 @@ class TorchBackend(Backend):
     def to_numpy(self, x: Array) -> np.ndarray:
         return x.detach().cpu().numpy()
 
-    def from_numpy(self, a: np.ndarray, like: Array) -> Array:
+    def asarray(self, a: np.ndarray, like: Array) -> Array:
         a = np.asarray(a)
         dtype = like.dtype if a.dtype.kind == "f" else None
         return torch.as_tensor(a, dtype=dtype, device=like.device)
-
-    def dtype_name(self, x: Array) -> str:
-        return _NP_DTYPES.get(x.dtype, str(x.dtype).replace("torch.", ""))
 
     # ------------------------------------------------------------------ parameters
     def named_parameters(self, model: Any, weights: Any) -> list[tuple[str, Array]]:
@@ -241,64 +241,11 @@ class TorchBackend(Backend):
         self, f: Callable[[Array, Any], Array], per_cotangent: bool = False
     ) -> Callable[[Array, Any, Callable[[Array], Array], int], Array]:
         """Squared per-sample products without holding them for linear layers (see :mod:`.torch_per_sample`)."""
-        generic = lambda g, pc: Backend.per_sample_squares(self, g, pc)  # noqa: E731
+        generic = lambda g, pc: generic_squares(self, g, pc)  # noqa: E731
         return torch_per_sample.per_sample_squares(f, per_cotangent, generic)
-
-    # ------------------------------------------------------------------ array ops
-    def sum(self, x: Array, axis: Any = None, keepdims: bool = False) -> Array:
-        return x.sum() if axis is None else x.sum(dim=axis, keepdim=keepdims)
-
-    def max(self, x: Array, axis: int, keepdims: bool = False) -> Array:
-        return x.amax(dim=axis, keepdim=keepdims)
-
-    def exp(self, x: Array) -> Array:
-        return torch.exp(x)
-
-    def log(self, x: Array) -> Array:
-        return torch.log(x)
-
-    def sqrt(self, x: Array) -> Array:
-        return torch.sqrt(x)
-
-    def sigmoid(self, x: Array) -> Array:
-        return torch.sigmoid(x)
-
-    def softplus(self, x: Array) -> Array:
-        return nn.functional.softplus(x)
-
-    def one_hot(self, labels: Array, num_classes: int, like: Array) -> Array:
-        return nn.functional.one_hot(labels.long(), num_classes).to(dtype=like.dtype, device=like.device)
-
-    def moveaxis(self, x: Array, source: int, destination: int) -> Array:
-        return torch.movedim(x, source, destination)
-
-    def reshape(self, x: Array, shape: tuple[int, ...]) -> Array:
-        return x.reshape(shape)
-
-    def stack(self, xs: Sequence[Array], axis: int = 0) -> Array:
-        return torch.stack(list(xs), dim=axis)
-
-    def concat(self, xs: Sequence[Array], axis: int = 0) -> Array:
-        return torch.cat(list(xs), dim=axis)
-
-    def transpose(self, x: Array) -> Array:
-        return x.T
-
-    def zeros_like(self, x: Array) -> Array:
-        return torch.zeros_like(x)
 
     def stop_gradient(self, x: Array) -> Array:
         return x.detach()
-
-    def is_floating(self, x: Array) -> bool:
-        return x.is_floating_point()
-
-    def all_finite(self, x: Array) -> bool:
-        # A finite sum proves every entry finite and is ~20x cheaper than
-        # isfinite().all(); only a non-finite sum (NaN/inf, or overflow) needs the full test.
-        if x.is_floating_point() and bool(torch.isfinite(x.sum())):
-            return True
-        return bool(torch.isfinite(x).all())
 
 
 def _concat_by_name(leaves: dict[str, torch.Tensor], names: Sequence[str], shapes: Sequence[tuple]) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """The conformance problems, written once and run through any backend.
 
 Each problem is ``f(params, x)`` (or a scalar ``fn(params)``) using only
-Python operators (``x @ W + b``, ``*``, ``abs``) and the array operations of
-the :class:`Backend` protocol (``exp``, ``sum``), so the same code runs in
+Python operators (``x @ W + b``, ``*``, ``abs``) and the backend's array-API
+namespace ``xp`` (``exp``, ``sum``), so the same code runs in
 PyTorch, JAX, TensorFlow or a third party's framework.  Parameters are a flat
 dict ``name -> array``.  Weights and data come from one NumPy seed, so a seed
 means the same numbers in every framework; the float32 problems use the
@@ -177,19 +177,10 @@ def _plain(value: Any) -> bool:
 # Framework arrays from NumPy
 # ----------------------------------------------------------------------
 def _asarray(backend: str, a: np.ndarray, dtype: str) -> Array:
-    """A framework array; floats cast to ``dtype``.
-
-    The built-in frameworks are addressed directly.  A third-party backend is
-    asked through its ``from_numpy``, with a NumPy array of the wanted dtype
-    as ``like``.
-    """
+    """A framework array made by the backend's namespace (``xp.asarray``); floats cast to ``dtype``."""
     if a.dtype.kind == "f":
         a = a.astype(dtype)
     impl = mh.get_backend(backend)
-    if impl.name == "torch":
-        import torch
-
-        return torch.as_tensor(a).clone()
     if impl.name == "jax":
         import jax
         import jax.numpy as jnp
@@ -197,13 +188,9 @@ def _asarray(backend: str, a: np.ndarray, dtype: str) -> Array:
         if a.dtype == np.float64 and jnp.asarray(a).dtype != np.float64:
             raise RuntimeError("float64 problems need JAX's x64 mode: jax.config.update('jax_enable_x64', True)")
         # Placed on the default device explicitly, like the arrays the library makes with
-        # from_numpy: JAX compiles separately for committed and uncommitted arguments.
+        # asarray: JAX compiles separately for committed and uncommitted arguments.
         return jax.device_put(jnp.asarray(a), jax.devices()[0])
-    if impl.name == "tensorflow":
-        import tensorflow as tf
-
-        return tf.constant(a)
-    return impl.from_numpy(a, np.empty(0, dtype=a.dtype))
+    return impl.xp.asarray(a, copy=True)
 
 
 # ----------------------------------------------------------------------
@@ -267,8 +254,8 @@ def _rounded(ref: Reference, dtype: str) -> Reference:
 
 
 def _model(kind: str, backend: str, coupling: Array | None) -> Callable[..., Array]:
-    """The model in array-API style, using only operators and the backend's array operations."""
-    xp = mh.get_backend(backend)
+    """The model in array-API style, using only operators and the backend's namespace ``xp``."""
+    xp = mh.get_backend(backend).xp
 
     def relu(a: Array) -> Array:
         return (a + abs(a)) / 2

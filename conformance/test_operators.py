@@ -54,7 +54,7 @@ def test_parameters_are_flattened_by_name(backend: str, name: str, dtype: str) -
     assert H.shape == (ref.theta.size, ref.theta.size)
     assert sorted(H.rows.names) == sorted(ref.names), "the operator must cover every parameter once"
     assert dict(zip(H.rows.names, map(tuple, H.rows.shapes))) == ref.shapes
-    assert mh.get_backend(backend).dtype_name(H.rows.w) == dtype
+    assert mh.get_backend(backend).to_numpy(H.rows.w).dtype == np.dtype(dtype)
     # The flat vector is the concatenation of row-major ravels in the order of op.rows.names.
     np.testing.assert_array_equal(problem.to_numpy(H.rows.w), ref.reorder(ref.theta, H.rows.names))
 

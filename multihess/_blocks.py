@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._arrays import shape
 from ._backend import Array, ParameterBinding
 from ._operator import CurvatureOperator
 
@@ -32,9 +33,9 @@ class BlockOperator(CurvatureOperator):
 
     def _matmat_rows(self, V: Array) -> Array:
         b = self.backend
-        k = b.shape(V)[0]
+        k = shape(V)[0]
         if k not in self._zeros:  # made once per number of columns, on the device
-            self._zeros[k] = {size: b.from_numpy(np.zeros((k, size)), V) for piece, size in self._embed if size}
+            self._zeros[k] = {size: b.asarray(np.zeros((k, size)), V) for piece, size in self._embed if size}
         parts = [V[:, piece] if piece is not None else self._zeros[k][size] for piece, size in self._embed]
-        full = self.inner._matmat_rows(b.concat(parts, axis=1))
-        return b.concat([full[:, s] for s in self._row_slices], axis=1)
+        full = self.inner._matmat_rows(b.xp.concat(parts, axis=1))
+        return b.xp.concat([full[:, s] for s in self._row_slices], axis=1)

@@ -97,7 +97,7 @@ def chain_rule_error(
             row[offsets[name]] = full[offsets[name]]
         rows.append(row)
     V = np.stack(rows)
-    V_device = b.from_numpy(V, binding.w)
+    V_device = b.asarray(V, binding.w)
     # v → Hv and v → Gv for all rows at once; the quadratic forms are summed in float64.
     HV = np.asarray(b.to_numpy(H._matmat_rows(V_device)), dtype=np.float64)
     GV = np.asarray(b.to_numpy(G._matmat_rows(V_device)), dtype=np.float64)

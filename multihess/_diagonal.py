@@ -124,4 +124,4 @@ def diagonal(
 def _to_framework(op: CurvatureOperator, value: np.ndarray, std_error: np.ndarray, num: int, method: str) -> Estimate:
     """An estimate whose arrays live in the operator's framework, dtype and device."""
     b, like = op.backend, op.rows.w
-    return Estimate(b.from_numpy(np.asarray(value), like), b.from_numpy(np.asarray(std_error), like), num, method)
+    return Estimate(b.asarray(np.asarray(value), like), b.asarray(np.asarray(std_error), like), num, method)

@@ -22,11 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from ._backend import Array, Backend, ParameterBinding, _sample_slice
+from ._arrays import is_floating, itemsize, machine_epsilon, shape
+from ._backend import Array, Backend, ParameterBinding
 from ._blocks import BlockOperator
 from ._ggn import GGNOperator
 from ._losses import CallableLoss, CrossEntropyLoss, Loss
 from ._operator import CurvatureOperator
+from ._per_sample import sample_slice
 from ._problem import Problem
 from ._spectral import check_count
 
@@ -101,14 +103,14 @@ def per_sample_roots(b: Backend, loss: Loss, z: Array, y: Array) -> Array:
     column is split into one per position (``K = C · d1 · …``).
     """
     S = loss.sqrt_hz(b, z, y)
-    shape = b.shape(z)
-    if not isinstance(loss, CrossEntropyLoss) or len(shape) <= 2:
+    dims = shape(z)
+    if not isinstance(loss, CrossEntropyLoss) or len(dims) <= 2:
         return S
-    spatial = shape[2:]
+    spatial = dims[2:]
     positions = math.prod(spatial)
     mask = np.eye(positions).reshape((positions, 1, 1) + spatial)
-    split = S[:, None] * b.from_numpy(mask, z)  # (C, D, N, C, d1, ...)
-    return b.reshape(split, (shape[1] * positions,) + shape)
+    split = S[:, None] * b.asarray(mask, z)  # (C, D, N, C, d1, ...)
+    return b.xp.reshape(split, (dims[1] * positions,) + dims)
 
 
 def sampled_roots(b: Backend, loss: Loss, z: Array, y: Array, k: int, rng: np.random.Generator) -> Array:
@@ -135,7 +137,7 @@ def sampled_roots(b: Backend, loss: Loss, z: Array, y: Array, k: int, rng: np.ra
         labels = np.minimum((np.cumsum(p, axis=-1) < u[..., None]).sum(axis=-1), p.shape[-1] - 1)
         # As one-hot probability targets, class axis 1 (the same loss and gradient as integer labels).
         draws = list(np.moveaxis(np.eye(p.shape[-1])[labels], -1, 2))
-        if b.is_floating(y):  # probability targets: H_z carries each sample's target mass
+        if is_floating(b.xp, y):  # probability targets: H_z carries each sample's target mass
             mass = np.expand_dims(np.asarray(b.to_numpy(y), dtype=np.float64).sum(axis=1), 1)
     elif loss.name == "mse":
         noise = rng.standard_normal((k,) + z_np.shape) / math.sqrt(2.0)
@@ -148,14 +150,14 @@ def sampled_roots(b: Backend, loss: Loss, z: Array, y: Array, k: int, rng: np.ra
     else:
         raise ValueError(f"method='mc' has no label sampler for loss {loss.name!r}; use method='exact' or 'hutchinson'")
     factor = np.full((1,) * len(z_np.shape), 1.0 / loss.scale(b, z)) if mass is None else mass / loss.scale(b, z)
-    root = b.from_numpy(np.sqrt(factor), z)
-    targets = b.from_numpy(np.stack(draws), z)
+    root = b.asarray(np.sqrt(factor), z)
+    targets = b.asarray(np.stack(draws), z)
 
     def sampled_gradient(target: Array) -> Array:
         return b.value_and_grad(lambda q: loss.value(b, q, target), z)[1]
 
     # ∇_z ℓ(z, ŷ) for every draw at once (vmapped where the backend can).
-    return b._map_rows(sampled_gradient)(targets) * root
+    return b.map_rows(sampled_gradient)(targets) * root
 
 
 # ----------------------------------------------------------------------
@@ -191,13 +193,13 @@ def _samples_independent(b: Backend, binding: ParameterBinding, x: Any) -> bool:
             f"samples along axis 0; got {type(x).__name__}"
         )
     z = binding.apply(binding.w, x)
-    N = b.shape(z)[0]
+    N = shape(z)[0]
     z_np = np.asarray(b.to_numpy(z), dtype=np.float64)
     scale = max(1.0, float(np.max(np.abs(z_np))) if z_np.size else 1.0)
-    tol = 10.0 * math.sqrt(_eps(b, z)) * scale
+    tol = 10.0 * math.sqrt(machine_epsilon(z)) * scale
     for n in sorted({0, N // 2, N - 1})[:_SAMPLE_CHECKS]:
         try:
-            alone = binding.apply(binding.w, _sample_slice(x, n, n + 1))
+            alone = binding.apply(binding.w, sample_slice(x, n, n + 1))
         except Exception:  # a model that cannot run on one sample alone mixes its samples
             return False
         alone = np.asarray(b.to_numpy(alone), dtype=np.float64)
@@ -217,10 +219,10 @@ def _squares_full_batch(
     """The same sums by VJPs through the whole batch, one per (column, sample): exact when samples interact."""
     lin = b.linearize(binding.apply, binding.w, x)
     U = cotangents(b.stop_gradient(lin.out))
-    K, N = b.shape(U)[:2]
-    out_shape = b.shape(U)[2:]
+    K, N = shape(U)[:2]
+    out_shape = shape(U)[2:]
     P = binding.size
-    item = _itemsize(b, binding.w)
+    item = itemsize(binding.w)
     per_row = (P + N * math.prod(out_shape)) * item
     rows = int(max(1, budget // max(per_row, 1)))
     total = np.zeros((K, P))
@@ -231,21 +233,7 @@ def _squares_full_batch(
             # Row j: column k of sample n0 + j, zero on every other sample.
             mask = np.zeros((n1 - n0, N) + ones)
             mask[np.arange(n1 - n0), np.arange(n0, n1)] = 1.0
-            cot = U[k][None] * b.from_numpy(mask, binding.w)
+            cot = U[k][None] * b.asarray(mask, binding.w)
             grads = lin.vjp_batched(cot)
             total[k] += np.sum(np.asarray(b.to_numpy(grads * grads), dtype=np.float64), axis=0)
     return total if per_cotangent else total.sum(axis=0)
-
-
-def _itemsize(b: Backend, like: Array) -> int:
-    try:
-        return int(np.dtype(b.dtype_name(like)).itemsize)
-    except TypeError:
-        return 2
-
-
-def _eps(b: Backend, like: Array) -> float:
-    try:
-        return float(np.finfo(b.dtype_name(like)).eps)
-    except (TypeError, ValueError):
-        return float(np.finfo(np.float16).eps)

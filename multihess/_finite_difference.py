@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._arrays import machine_epsilon, shape
 from ._backend import Array
 from ._operator import CurvatureOperator
 from ._problem import Problem
@@ -29,7 +30,7 @@ class FiniteDifferenceHessian(CurvatureOperator):
         super().__init__(problem.backend, problem.binding, problem.binding, problem.check_finite)
         self.problem = problem
         b = problem.backend
-        eps = float(np.finfo(np.dtype(b.dtype_name(problem.binding.w))).eps)
+        eps = machine_epsilon(problem.binding.w)
         self.step = float(np.cbrt(eps)) if step is None else float(step)
         self._grad = b.compile(lambda w, batch: b.value_and_grad(lambda p: problem.batch_loss(p, batch), w)[1])
         self._w_norm = float(np.linalg.norm(b.to_numpy(problem.binding.w).astype(np.float64)))
@@ -45,12 +46,12 @@ class FiniteDifferenceHessian(CurvatureOperator):
         b = self.backend
         w = self.problem.binding.w
         rows = []
-        for i in range(b.shape(V)[0]):
+        for i in range(shape(V)[0]):
             v = V[i]
             v_norm = float(np.linalg.norm(b.to_numpy(v).astype(np.float64)))
             if v_norm == 0.0:
-                rows.append(b.zeros_like(v))
+                rows.append(b.xp.zeros_like(v))
                 continue
             eps = self.step * max(1.0, self._w_norm) / v_norm
             rows.append((self._gradient(w + v * eps) - self._gradient(w - v * eps)) * (0.5 / eps))
-        return b.stack(rows)
+        return b.xp.stack(rows)

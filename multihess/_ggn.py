@@ -28,7 +28,7 @@ class GGNOperator(CurvatureOperator):
             self._linearizations: dict[int, Linearization] = {}
             self._product = self._eager_product
         else:
-            self._product = problem.backend._rowwise(self._one_product)
+            self._product = problem.backend.rowwise(self._one_product)
 
     def _one_product(self, w: Array, batch: Any, v: Array) -> Array:
         """``J^T H_z J v`` for one vector, written with the primitives (compiled by the backend)."""
@@ -36,7 +36,7 @@ class GGNOperator(CurvatureOperator):
         x, y = batch
         f: Callable[[Array], Array] = lambda p: self.problem.binding.apply(p, x)  # noqa: E731
         z, jv = b.jvp(f, w, v)
-        hz_jv = loss.hz_matvec(b, z, y, b.stack([jv]))[0]
+        hz_jv = loss.hz_matvec(b, z, y, b.xp.stack([jv]))[0]
         return b.vjp(f, w, hz_jv)[1]
 
     def _eager_product(self, w: Array, batch: Any, V: Array) -> Array:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._arrays import machine_epsilon
 from ._operator import CurvatureOperator
 
 HostProduct = Callable[..., np.ndarray]
@@ -21,8 +22,6 @@ HostProduct = Callable[..., np.ndarray]
 
 RandomVector = Callable[[], np.ndarray]
 """A fresh standard normal vector of length ``n`` (float64) at each call."""
-
-_MACHINE_EPS = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 2.0**-23, "float64": 2.0**-52}
 
 _INITIAL_ROWS = 32
 """Rows a basis holds before it first grows (it doubles after that)."""
@@ -41,7 +40,7 @@ def host_product(op: CurvatureOperator) -> HostProduct:
     b, like = op.backend, op.cols.w
 
     def apply(rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        product = b.to_numpy(op._matmat_rows(b.from_numpy(np.ascontiguousarray(rows), like)))
+        product = b.to_numpy(op._matmat_rows(b.asarray(np.ascontiguousarray(rows), like)))
         if out is None:
             return np.asarray(product, dtype=np.float64)
         np.copyto(out, product)
@@ -52,7 +51,7 @@ def host_product(op: CurvatureOperator) -> HostProduct:
 
 def product_precision(op: CurvatureOperator) -> float:
     """Machine epsilon of the dtype the products of ``op`` are computed in."""
-    return _MACHINE_EPS.get(op.backend.dtype_name(op.cols.w), _MACHINE_EPS["float64"])
+    return machine_epsilon(op.cols.w)
 
 
 def tridiagonal(alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ._arrays import dtype_name, is_floating, one_hot, shape, sigmoid, softplus
 from ._backend import Array, Backend
 
 REDUCTIONS = ("mean", "sum")
@@ -39,18 +40,18 @@ class Loss:
 
     def check(self, backend: Backend, z: Array, y: Array) -> None:
         """Raise ``ValueError`` when outputs and targets cannot go together."""
-        zs, ys = backend.shape(z), backend.shape(y)
+        zs, ys = shape(z), shape(y)
         if zs != ys:
             raise ValueError(
                 f"loss {self.name!r}: outputs have shape {zs} but targets have shape {ys}; "
                 "they must match elementwise (reshape the targets or the model output)"
             )
-        if not backend.is_floating(y):
-            raise TypeError(f"loss {self.name!r}: targets must be floating point, got {backend.dtype_name(y)}")
+        if not is_floating(backend.xp, y):
+            raise TypeError(f"loss {self.name!r}: targets must be floating point, got {dtype_name(y)}")
 
     def num_reduced(self, backend: Backend, z: Array) -> int:
         """Number of elements that ``"mean"`` divides by."""
-        return math.prod(backend.shape(z))
+        return math.prod(shape(z))
 
     def scale(self, backend: Backend, z: Array) -> float:
         """Factor of the reduction: ``1/num_reduced`` for mean, 1 for sum."""
@@ -75,7 +76,7 @@ class MSELoss(Loss):
     name = "mse"
 
     def value(self, backend: Backend, z: Array, y: Array) -> Array:
-        return backend.sum((z - y) ** 2) * self.scale(backend, z)
+        return backend.xp.sum((z - y) ** 2) * self.scale(backend, z)
 
     def hz_matvec(self, backend: Backend, z: Array, y: Array, u: Array) -> Array:
         return u * (2.0 * self.scale(backend, z))
@@ -92,17 +93,17 @@ class BCEWithLogitsLoss(Loss):
     name = "bce_with_logits"
 
     def value(self, backend: Backend, z: Array, y: Array) -> Array:
-        return backend.sum(backend.softplus(z) - y * z) * self.scale(backend, z)
+        return backend.xp.sum(softplus(backend.xp, z) - y * z) * self.scale(backend, z)
 
     def _curvature(self, backend: Backend, z: Array) -> Array:
-        s = backend.sigmoid(backend.stop_gradient(z))
+        s = sigmoid(backend.xp, backend.stop_gradient(z))
         return s * (1.0 - s) * self.scale(backend, z)
 
     def hz_matvec(self, backend: Backend, z: Array, y: Array, u: Array) -> Array:
         return u * self._curvature(backend, z)
 
     def sqrt_hz(self, backend: Backend, z: Array, y: Array) -> Array:
-        return _unit_columns(backend, z) * backend.sqrt(self._curvature(backend, z))
+        return _unit_columns(backend, z) * backend.xp.sqrt(self._curvature(backend, z))
 
 
 class PoissonNLLLoss(Loss):
@@ -111,13 +112,13 @@ class PoissonNLLLoss(Loss):
     name = "poisson_nll"
 
     def value(self, backend: Backend, z: Array, y: Array) -> Array:
-        return backend.sum(backend.exp(z) - y * z) * self.scale(backend, z)
+        return backend.xp.sum(backend.xp.exp(z) - y * z) * self.scale(backend, z)
 
     def hz_matvec(self, backend: Backend, z: Array, y: Array, u: Array) -> Array:
-        return u * (backend.exp(backend.stop_gradient(z)) * self.scale(backend, z))
+        return u * (backend.xp.exp(backend.stop_gradient(z)) * self.scale(backend, z))
 
     def sqrt_hz(self, backend: Backend, z: Array, y: Array) -> Array:
-        root = backend.exp(backend.stop_gradient(z) * 0.5) * math.sqrt(self.scale(backend, z))
+        root = backend.xp.exp(backend.stop_gradient(z) * 0.5) * math.sqrt(self.scale(backend, z))
         return _unit_columns(backend, z) * root
 
 
@@ -134,10 +135,10 @@ class CrossEntropyLoss(Loss):
     name = "cross_entropy"
 
     def check(self, backend: Backend, z: Array, y: Array) -> None:
-        zs, ys = backend.shape(z), backend.shape(y)
+        zs, ys = shape(z), shape(y)
         if len(zs) < 2:
             raise ValueError(f"loss 'cross_entropy': logits must have shape (N, C) or (N, C, ...), got {zs}")
-        if backend.is_floating(y):
+        if is_floating(backend.xp, y):
             if ys != zs:
                 raise ValueError(
                     f"loss 'cross_entropy': probability targets must have the logits' shape {zs}, got {ys}"
@@ -149,64 +150,64 @@ class CrossEntropyLoss(Loss):
             )
 
     def num_reduced(self, backend: Backend, z: Array) -> int:
-        shape = backend.shape(z)
-        return math.prod(shape[:1] + shape[2:])
+        dims = shape(z)
+        return math.prod(dims[:1] + dims[2:])
 
     def _last(self, backend: Backend, x: Array) -> Array:
         """Class axis moved last."""
-        return x if len(backend.shape(x)) == 2 else backend.moveaxis(x, 1, -1)
+        return x if len(shape(x)) == 2 else backend.xp.moveaxis(x, 1, -1)
 
     def _first(self, backend: Backend, x: Array) -> Array:
         """Class axis moved back to position 1 (inverse of :meth:`_last`)."""
-        return x if len(backend.shape(x)) == 2 else backend.moveaxis(x, -1, 1)
+        return x if len(shape(x)) == 2 else backend.xp.moveaxis(x, -1, 1)
 
     def _targets(self, backend: Backend, z_last: Array, y: Array) -> Array:
         """Targets as distributions with the class axis last."""
-        if backend.is_floating(y):
+        if is_floating(backend.xp, y):
             return self._last(backend, y)
-        return backend.one_hot(y, backend.shape(z_last)[-1], like=z_last)
+        return one_hot(backend, y, shape(z_last)[-1], like=z_last)
 
     def value(self, backend: Backend, z: Array, y: Array) -> Array:
         z_last = self._last(backend, z)
-        m = backend.stop_gradient(backend.max(z_last, axis=-1, keepdims=True))
-        log_norm = backend.log(backend.sum(backend.exp(z_last - m), axis=-1, keepdims=True)) + m
+        m = backend.stop_gradient(backend.xp.max(z_last, axis=-1, keepdims=True))
+        log_norm = backend.xp.log(backend.xp.sum(backend.xp.exp(z_last - m), axis=-1, keepdims=True)) + m
         t = self._targets(backend, z_last, y)
-        return -backend.sum(t * (z_last - log_norm)) * self.scale(backend, z)
+        return -backend.xp.sum(t * (z_last - log_norm)) * self.scale(backend, z)
 
     def _probs(self, backend: Backend, z: Array, y: Array) -> tuple[Array, Array]:
         """Softmax probabilities and the weight ``t`` (target mass) per sample, class axis last."""
         z_last = backend.stop_gradient(self._last(backend, z))
-        e = backend.exp(z_last - backend.max(z_last, axis=-1, keepdims=True))
-        p = e / backend.sum(e, axis=-1, keepdims=True)
-        t = backend.sum(self._targets(backend, z_last, y), axis=-1, keepdims=True)
+        e = backend.xp.exp(z_last - backend.xp.max(z_last, axis=-1, keepdims=True))
+        p = e / backend.xp.sum(e, axis=-1, keepdims=True)
+        t = backend.xp.sum(self._targets(backend, z_last, y), axis=-1, keepdims=True)
         return p, t * self.scale(backend, z)
 
     def hz_matvec(self, backend: Backend, z: Array, y: Array, u: Array) -> Array:
         p, t = self._probs(backend, z, y)
         u_last = self._last_batched(backend, u)
         # (diag(p) - p p^T) u = p ⊙ (u - <p, u>)
-        hu = p * (u_last - backend.sum(p * u_last, axis=-1, keepdims=True)) * t
+        hu = p * (u_last - backend.xp.sum(p * u_last, axis=-1, keepdims=True)) * t
         return self._first_batched(backend, hu)
 
     def sqrt_hz(self, backend: Backend, z: Array, y: Array) -> Array:
         p, t = self._probs(backend, z, y)
-        num_classes = backend.shape(p)[-1]
+        num_classes = shape(p)[-1]
         # Column c of S is sqrt(p_c) (e_c - p), scaled by sqrt(t).
-        onehots = backend.one_hot(_arange_like(backend, num_classes, z), num_classes, like=p)
-        root_p = backend.sqrt(p)
-        root_t = backend.sqrt(t)
+        onehots = one_hot(backend, _arange_like(backend, num_classes, z), num_classes, like=p)
+        root_p = backend.xp.sqrt(p)
+        root_t = backend.xp.sqrt(t)
         cols = [root_p[..., c : c + 1] * (onehots[c] - p) * root_t for c in range(num_classes)]
-        return self._first_batched(backend, backend.stack(cols))
+        return self._first_batched(backend, backend.xp.stack(cols))
 
     def _last_batched(self, backend: Backend, u: Array) -> Array:
-        return u if len(backend.shape(u)) == 3 else backend.moveaxis(u, 2, -1)
+        return u if len(shape(u)) == 3 else backend.xp.moveaxis(u, 2, -1)
 
     def _first_batched(self, backend: Backend, u: Array) -> Array:
-        return u if len(backend.shape(u)) == 3 else backend.moveaxis(u, -1, 2)
+        return u if len(shape(u)) == 3 else backend.xp.moveaxis(u, -1, 2)
 
 
 def _arange_like(backend: Backend, n: int, like: Array) -> Array:
-    return backend.from_numpy(np.arange(n), like)
+    return backend.asarray(np.arange(n), like)
 
 
 def _unit_columns(backend: Backend, z: Array) -> Array:
@@ -215,11 +216,11 @@ def _unit_columns(backend: Backend, z: Array) -> Array:
     Column ``k`` is 1 at coordinate ``k`` of every sample's output and 0
     elsewhere, so that ``K = z[0].size`` columns cover a diagonal ``H_z``.
     """
-    shape = backend.shape(z)
-    per_sample = math.prod(shape[1:])
-    eye = np.eye(per_sample).reshape((per_sample, 1) + shape[1:])
-    eye = np.broadcast_to(eye, (per_sample,) + shape)
-    return backend.from_numpy(np.ascontiguousarray(eye), z)
+    dims = shape(z)
+    per_sample = math.prod(dims[1:])
+    eye = np.eye(per_sample).reshape((per_sample, 1) + dims[1:])
+    eye = np.broadcast_to(eye, (per_sample,) + dims)
+    return backend.asarray(np.ascontiguousarray(eye), z)
 
 
 class CallableLoss(Loss):
@@ -235,12 +236,12 @@ class CallableLoss(Loss):
 
     def value(self, backend: Backend, z: Array, y: Array) -> Array:
         out = self.fn(z, y)
-        if backend.shape(out) not in ((), (1,)):
+        if shape(out) not in ((), (1,)):
             raise ValueError(
-                f"loss callable {self.name!r} returned shape {backend.shape(out)}; it must return "
+                f"loss callable {self.name!r} returned shape {shape(out)}; it must return "
                 "a scalar (reduce with mean or sum)"
             )
-        return backend.reshape(out, ())
+        return backend.xp.reshape(out, ())
 
     def hz_matvec(self, backend: Backend, z: Array, y: Array, u: Array) -> Array:
         z0 = backend.stop_gradient(z)
@@ -248,8 +249,8 @@ class CallableLoss(Loss):
         def grad_z(q: Array) -> Array:
             return backend.value_and_grad(lambda r: self.value(backend, r, y), q)[1]
 
-        rows = [backend.jvp(grad_z, z0, u[i])[1] for i in range(backend.shape(u)[0])]
-        return backend.stack(rows)
+        rows = [backend.jvp(grad_z, z0, u[i])[1] for i in range(shape(u)[0])]
+        return backend.xp.stack(rows)
 
 
 LOSSES: dict[str, type[Loss]] = {

@@ -53,7 +53,7 @@ def frobenius_norm(
     b = op.backend
     moments = RunningMoments()
     # ‖A z‖² of each probe, reduced on the device: only the chunk's scalars come back.
-    for squares in probe_reductions(op, rng, num_probes, distribution, budget, lambda Z, AZ: b.sum(AZ * AZ, axis=1)):
+    for squares in probe_reductions(op, rng, num_probes, distribution, budget, lambda Z, AZ: b.xp.sum(AZ * AZ, axis=1)):
         moments.add(squares)
     mean_sq = float(moments.mean)
     value = float(np.sqrt(max(mean_sq, 0.0)))

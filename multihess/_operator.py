@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from ._arrays import all_finite, dtype_name, is_floating, shape
 from ._backend import Array, Backend, ParameterBinding
 
 DENSE_CHUNK = 64
@@ -63,14 +64,14 @@ class CurvatureOperator:
     # Products
     # ------------------------------------------------------------------
     def __matmul__(self, v: Any) -> Any:
-        if self.backend.is_array(v) and len(self.backend.shape(v)) == 2:
+        if self.backend.is_array(v) and len(shape(v)) == 2:
             return self.matmat(v)
         return self.matvec(v)
 
     def matvec(self, v: Any) -> Any:
         """``A v`` for a flat vector or a parameter tree ``v`` (answered in the same form)."""
         flat, as_tree = self._flatten_input(v)
-        out = self._matmat_rows(self.backend.stack([flat]))[0]
+        out = self._matmat_rows(self.backend.xp.stack([flat]))[0]
         return self.rows.to_tree(out) if as_tree else out
 
     def matmat(self, V: Array) -> Array:
@@ -78,11 +79,11 @@ class CurvatureOperator:
         b = self.backend
         if not b.is_array(V):
             raise TypeError(f"matmat expects a {b.name} array of shape (n, k), got {type(V).__name__}")
-        shape = b.shape(V)
-        if len(shape) != 2 or shape[0] != self.shape[1]:
-            raise ValueError(f"matmat expects shape ({self.shape[1]}, k), got {shape}")
+        dims = shape(V)
+        if len(dims) != 2 or dims[0] != self.shape[1]:
+            raise ValueError(f"matmat expects shape ({self.shape[1]}, k), got {dims}")
         self._check_vector_values(V, "V")
-        return b.transpose(self._matmat_rows(b.transpose(V)))
+        return b.xp.matrix_transpose(self._matmat_rows(b.xp.matrix_transpose(V)))
 
     def _matmat_rows(self, V: Array) -> Array:
         """``(A V^T)^T``: products with the rows of ``V`` (shape ``(k, n)`` → ``(k, m)``).
@@ -105,9 +106,9 @@ class CurvatureOperator:
             stop = min(start + chunk_size, n)
             units = np.zeros((stop - start, n))
             units[np.arange(stop - start), np.arange(start, stop)] = 1.0
-            blocks.append(self._matmat_rows(b.from_numpy(units, self.cols.w)))
+            blocks.append(self._matmat_rows(b.asarray(units, self.cols.w)))
         # Each block holds columns start..stop of A as rows.
-        return b.transpose(b.concat(blocks, axis=0))
+        return b.xp.matrix_transpose(b.xp.concat(blocks, axis=0))
 
     # ------------------------------------------------------------------
     # Input handling
@@ -116,11 +117,11 @@ class CurvatureOperator:
         b = self.backend
         n = self.shape[1]
         if b.is_array(v):
-            shape = b.shape(v)
-            if shape != (n,):
+            dims = shape(v)
+            if dims != (n,):
                 raise ValueError(
                     f"v must be a flat vector of shape ({n},) or a tree shaped like the parameters "
-                    f"{dict(zip(self.cols.names, self.cols.shapes))}; got an array of shape {shape}"
+                    f"{dict(zip(self.cols.names, self.cols.shapes))}; got an array of shape {dims}"
                 )
             flat, as_tree = v, False
         elif isinstance(v, np.ndarray):
@@ -129,18 +130,18 @@ class CurvatureOperator:
             )
         else:
             flat, as_tree = self.cols.from_tree(v), True
-        if not b.is_floating(flat):
-            raise TypeError(f"v must be floating point, got {b.dtype_name(flat)}")
+        if not is_floating(b.xp, flat):
+            raise TypeError(f"v must be floating point, got {dtype_name(flat)}")
         self._check_vector_values(flat, "v")
-        if b.dtype_name(flat) != b.dtype_name(self.cols.w):
+        if dtype_name(flat) != dtype_name(self.cols.w):
             raise TypeError(
-                f"v has dtype {b.dtype_name(flat)} but the parameters are {b.dtype_name(self.cols.w)}; "
+                f"v has dtype {dtype_name(flat)} but the parameters are {dtype_name(self.cols.w)}; "
                 "cast v to the parameters' dtype"
             )
         return flat, as_tree
 
     def _check_vector_values(self, v: Array, what: str) -> None:
-        if self.check_finite and not self.backend.all_finite(v):
+        if self.check_finite and not all_finite(self.backend.xp, v):
             raise ValueError(f"{what} contains NaN or inf; products with it would be meaningless")
 
 

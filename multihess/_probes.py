@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from ._arrays import dtype_name, itemsize
 from ._operator import CurvatureOperator
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
@@ -73,7 +74,7 @@ def draw_probes(
 
 def probe_dtype(op: CurvatureOperator) -> Any:
     """NumPy dtype probes are drawn in: the operator's when NumPy has it (no conversion on the way), else float64."""
-    name = op.backend.dtype_name(op.cols.w)
+    name = dtype_name(op.cols.w)
     return np.float32 if name == "float32" else np.float64
 
 
@@ -108,15 +109,6 @@ def check_memory_budget(value: Any) -> int:
     return int(value)
 
 
-def itemsize(op: CurvatureOperator) -> int:
-    """Bytes per entry of the operator's products."""
-    name = op.backend.dtype_name(op.cols.w)
-    try:
-        return int(np.dtype(name).itemsize)
-    except TypeError:  # bfloat16 and other types NumPy does not know
-        return 2
-
-
 def rows_per_chunk(op: CurvatureOperator, memory_budget: int) -> int:
     """How many probes one batched product takes within the budget (at least 1, at most :data:`MAX_ROWS`).
 
@@ -124,7 +116,7 @@ def rows_per_chunk(op: CurvatureOperator, memory_budget: int) -> int:
     float64 on the host.
     """
     m, n = op.shape
-    per_row = (m + n) * (itemsize(op) + 8)
+    per_row = (m + n) * (itemsize(op.cols.w) + 8)
     return int(max(1, min(MAX_ROWS, memory_budget // max(per_row, 1))))
 
 
@@ -137,7 +129,7 @@ def chunks(total: int, size: int) -> Iterator[tuple[int, int]]:
 def apply_rows(op: CurvatureOperator, rows: np.ndarray) -> np.ndarray:
     """``(A rowsᵀ)ᵀ`` for host ``rows``: one transfer each way, answered in the products' NumPy dtype."""
     b = op.backend
-    return np.asarray(b.to_numpy(op._matmat_rows(b.from_numpy(np.ascontiguousarray(rows), op.cols.w))))
+    return np.asarray(b.to_numpy(op._matmat_rows(b.asarray(np.ascontiguousarray(rows), op.cols.w))))
 
 
 def products(op: CurvatureOperator, rows: np.ndarray, memory_budget: int) -> np.ndarray:
@@ -178,7 +170,7 @@ def probe_reductions(
     b, like = op.backend, op.cols.w
     n, order, dtype = op.shape[1], probe_order(op), probe_dtype(op)
     for start, stop in chunks(num, rows_per_chunk(op, memory_budget)):
-        Z = b.from_numpy(draw_probes(rng, stop - start, n, distribution, order, dtype), like)
+        Z = b.asarray(draw_probes(rng, stop - start, n, distribution, order, dtype), like)
         yield np.asarray(b.to_numpy(reduce(Z, op._matmat_rows(Z))), dtype=np.float64)
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from ._arrays import all_finite, dtype_name, is_floating, shape
 from ._backend import Array, Backend, ParameterBinding
 from ._dispatch import find_backend
 from ._losses import Loss, make_loss
@@ -48,7 +49,7 @@ class Problem:
     def batch_loss(self, w: Array, batch: Batch) -> Array:
         """The loss of one batch at the flat parameters ``w`` (unweighted)."""
         if self.loss is None:
-            return self.backend.reshape(self.binding.apply(w, None), ())
+            return self.backend.xp.reshape(self.binding.apply(w, None), ())
         x, y = batch
         return self.loss.value(self.backend, self.binding.apply(w, x), y)
 
@@ -152,16 +153,16 @@ def build_problem(
             "unfreeze some or pass the parameters explicitly"
         )
     for name, p in named:
-        if not backend.is_floating(p):
+        if not is_floating(backend.xp, p):
             if params is None or name in select_names(named, params) or name in select_names(named, col_params):
                 raise TypeError(
-                    f"parameter {name!r} has dtype {backend.dtype_name(p)}; curvature needs floating-point "
+                    f"parameter {name!r} has dtype {dtype_name(p)}; curvature needs floating-point "
                     "parameters (cast the model, or exclude it with params=)"
                 )
     rows = select_names(named, params)
     cols = rows if col_params is None else select_names(named, col_params)
     union = [n for n, _ in named if n in set(rows) | set(cols)]
-    dtypes = {backend.dtype_name(p) for n, p in named if n in union}
+    dtypes = {dtype_name(p) for n, p in named if n in union}
     if len(dtypes) > 1:
         raise TypeError(f"the selected parameters mix dtypes {sorted(dtypes)}; cast the model to one dtype")
     binding = backend.bind(model, weights, union)
@@ -181,7 +182,7 @@ def _convert_batch(backend: Backend, batch: Batch, like: Array) -> Batch:
 
     def convert(obj: Any) -> Any:
         if isinstance(obj, np.ndarray):
-            return backend.from_numpy(obj, like)
+            return backend.asarray(obj, like)
         if isinstance(obj, tuple):
             return tuple(convert(o) for o in obj)
         return obj
@@ -200,24 +201,24 @@ def _batch_weights(backend: Backend, batches: list[Batch], loss: Loss | None) ->
 def _batch_size(backend: Backend, batch: Batch) -> int:
     x = batch[0]
     first = all_leaves(x)[0]
-    return backend.shape(first)[0] if backend.is_array(first) else len(first)
+    return shape(first)[0] if backend.is_array(first) else len(first)
 
 
 def _check_problem(problem: Problem) -> None:
     """One-time checks: finite parameters and data, matching shapes, a deterministic model."""
     b = problem.backend
     if problem.check_finite:
-        if not b.all_finite(problem.binding.w):
+        if not all_finite(b.xp, problem.binding.w):
             raise ValueError("the parameters contain NaN or inf; the curvature there is undefined")
         for i, batch in enumerate(problem.batches):
             for leaf in all_leaves(batch):
-                if b.is_array(leaf) and b.is_floating(leaf) and not b.all_finite(leaf):
+                if b.is_array(leaf) and is_floating(b.xp, leaf) and not all_finite(b.xp, leaf):
                     raise ValueError(
                         f"batch {i} of data contains NaN or inf; clean the data or pass check_finite=False"
                     )
     if problem.loss is None:
         out = problem.binding.apply(problem.binding.w, None)
-        if not b.is_array(out) or b.shape(out) not in ((), (1,)):
+        if not b.is_array(out) or shape(out) not in ((), (1,)):
             raise ValueError(
                 "fn(params) must return a scalar array of its framework; got "
                 f"{getattr(out, 'shape', type(out).__name__)}"

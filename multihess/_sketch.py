@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._arrays import machine_epsilon
 from ._operator import CurvatureOperator
 from ._probes import draw_probes, probe_dtype, probe_order, products
 
@@ -113,11 +114,8 @@ class ExchangeableSketch:
 
 
 def product_eps(op: CurvatureOperator) -> float:
-    """Unit roundoff of the operator's products (that of float16 for types NumPy does not know)."""
-    try:
-        return float(np.finfo(op.backend.dtype_name(op.cols.w)).eps)
-    except (TypeError, ValueError):
-        return float(np.finfo(np.float16).eps)
+    """Unit roundoff of the operator's products."""
+    return machine_epsilon(op.cols.w)
 
 
 def exchangeable_sketch(

@@ -221,7 +221,7 @@ def eigvalsh(
     values = np.asarray(values, dtype=np.float64)
     if not return_eigenvectors:
         return values
-    return values, op.backend.from_numpy(np.ascontiguousarray(vectors), op.cols.w)
+    return values, op.backend.asarray(np.ascontiguousarray(vectors), op.cols.w)
 
 
 # ----------------------------------------------------------------------

@@ -141,7 +141,7 @@ def _hutchinson(op: CurvatureOperator, rng: np.random.Generator, num: int, distr
     b = op.backend
     moments = RunningMoments()
     # zᵀAz of each probe, reduced on the device: only the chunk's scalars come back.
-    for forms in probe_reductions(op, rng, num, distribution, budget, lambda Z, AZ: b.sum(Z * AZ, axis=1)):
+    for forms in probe_reductions(op, rng, num, distribution, budget, lambda Z, AZ: b.xp.sum(Z * AZ, axis=1)):
         moments.add(forms)
     return Estimate(float(moments.mean), float(moments.std_error()), num, "hutchinson")
 

@@ -20,6 +20,7 @@ jax.config.update("jax_enable_x64", True)  # before any array exists: float64 or
 import jax.numpy as jnp  # noqa: E402
 
 import multihess as mh  # noqa: E402
+from multihess._arrays import all_finite, dtype_name, is_floating  # noqa: E402
 from multihess._trees import named_leaves  # noqa: E402
 from multihess.backends.jax_backend import JaxBackend  # noqa: E402
 
@@ -319,18 +320,18 @@ def test_names_match_the_core_tree_naming() -> None:
 
 
 # ----------------------------------------------------------------------------- detection and conversion
-def test_owns_and_from_numpy() -> None:
+def test_owns_and_asarray() -> None:
     b = JaxBackend()
     assert b.owns(jnp.ones(2)) and b.owns({"a": jnp.ones(2), "b": [jnp.ones(1)]})
     assert not b.owns(np.ones(2)) and not b.owns({"a": np.ones(2)}) and not b.owns({"a": jnp.ones(2), "b": np.ones(1)})
     assert not b.owns([1.0, 2.0]) and not b.owns("text")
     like = jnp.ones(2, dtype=jnp.float32)
-    f = b.from_numpy(np.arange(3.0), like)
-    labels = b.from_numpy(np.arange(3), like)
+    f = b.asarray(np.arange(3.0), like)
+    labels = b.asarray(np.arange(3), like)
     assert f.dtype == jnp.float32 and f.devices() == like.devices()
     assert jnp.issubdtype(labels.dtype, jnp.integer) and b.to_numpy(labels).tolist() == [0, 1, 2]
-    assert b.dtype_name(like) == "float32" and b.is_floating(like) and not b.is_floating(labels)
-    assert b.all_finite(like) and not b.all_finite(jnp.array([1.0, jnp.nan]))
+    assert dtype_name(like) == "float32" and is_floating(b.xp, like) and not is_floating(b.xp, labels)
+    assert all_finite(b.xp, like) and not all_finite(b.xp, jnp.array([1.0, jnp.nan]))
 
 
 # ----------------------------------------------------------------------------- bad input

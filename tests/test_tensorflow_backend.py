@@ -21,6 +21,7 @@ tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
 import multihess as mh  # noqa: E402
+from multihess._arrays import all_finite, dtype_name, is_floating, one_hot, sigmoid, softplus  # noqa: E402
 from multihess.backends.tensorflow_backend import TensorFlowBackend  # noqa: E402
 
 N, D, HID, C = 6, 3, 4, 3
@@ -479,17 +480,23 @@ def test_owns_conversion_and_array_ops() -> None:
     assert b.owns({"a": tf.ones(2), "b": [tf.ones(1), 3]}) and b.owns(ModuleMLP(make_data("mse")[0]))
     assert not b.owns(np.ones(2)) and not b.owns({"a": tf.ones(2), "b": np.ones(1)}) and not b.owns([1.0, 2.0])
     like = tf.ones(2, dtype=tf.float32)
-    floats, labels = b.from_numpy(np.arange(3.0), like), b.from_numpy(np.arange(3), like)
+    floats, labels = b.asarray(np.arange(3.0), like), b.asarray(np.arange(3), like)
     assert floats.dtype == tf.float32 and floats.device == like.device
     assert labels.dtype.is_integer and b.to_numpy(labels).tolist() == [0, 1, 2]
-    assert b.dtype_name(like) == "float32" and b.is_floating(like) and not b.is_floating(labels)
+    xp = b.xp
+    assert dtype_name(like) == "float32" and is_floating(xp, like) and not is_floating(xp, labels)
     assert (
-        b.all_finite(like) and not b.all_finite(tf.constant([1.0, np.nan])) and not b.all_finite(tf.constant([np.inf]))
+        all_finite(xp, like)
+        and not all_finite(xp, tf.constant([1.0, np.nan]))
+        and not all_finite(xp, tf.constant([np.inf]))
     )
-    assert b.all_finite(tf.constant([1e38] * 9))  # the sum overflows, the entries do not
+    assert all_finite(xp, tf.constant([1e38] * 9))  # the sum overflows, the entries do not
     a = np.arange(24.0).reshape(2, 3, 4)
-    np.testing.assert_array_equal(b.to_numpy(b.moveaxis(tf.constant(a), 1, -1)), np.moveaxis(a, 1, -1))
-    np.testing.assert_array_equal(b.to_numpy(b.one_hot(tf.constant([2, 0]), 3, like)), np.eye(3)[[2, 0]])
+    np.testing.assert_array_equal(b.to_numpy(xp.moveaxis(tf.constant(a), 1, -1)), np.moveaxis(a, 1, -1))
+    np.testing.assert_array_equal(b.to_numpy(one_hot(b, tf.constant([2, 0]), 3, like)), np.eye(3)[[2, 0]])
+    z = np.array([-800.0, -3.0, 0.0, 2.5, 800.0])
+    np.testing.assert_allclose(b.to_numpy(softplus(xp, tf.constant(z))), np.logaddexp(z, 0.0), rtol=1e-15)
+    np.testing.assert_allclose(b.to_numpy(sigmoid(xp, tf.constant(z))), 0.5 * (1 + np.tanh(z / 2)), rtol=1e-15)
 
 
 def test_objects_of_other_frameworks_are_not_owned() -> None:
