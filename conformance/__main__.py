@@ -3,6 +3,8 @@
 Usage::
 
     python -m multihess.conformance --backend torch [--backend jax ...] [pytest arguments]
+    python -m multihess.conformance --backend my_package.curvature:MyBackend
+    python -m multihess.conformance --backend path/to/my_backend.py:MyBackend
 
 Runs pytest on this installed folder with the backends named, prints
 pytest's report and exits with its status: 0 when every check passed,
@@ -19,10 +21,13 @@ import sys
 USAGE = """\
 usage: python -m multihess.conformance --backend NAME [--backend NAME ...] [pytest arguments]
 
-Checks curvature products of each named backend (torch, jax, tensorflow, or one
-registered through the 'multihess.backends' entry points) against NumPy float64
-oracles, and the backends against each other. Other arguments go to pytest,
-e.g. -k matvec, -x, -q.
+Checks curvature products, parameter trees and error messages of each named
+backend against NumPy float64 oracles, and the backends against each other.
+
+NAME is torch, jax, tensorflow, the name of a backend registered through the
+'multihess.backends' entry points, or a backend class not registered anywhere:
+module:Class (an importable module) or path/to/file.py:Class (the file's folder
+is put on sys.path). Other arguments go to pytest, e.g. -k matvec, -x, -q.
 """
 
 SUITE = pathlib.Path(__file__).resolve().parent

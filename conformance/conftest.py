@@ -1,14 +1,25 @@
 """Choosing the backends the conformance suite runs against.
 
 ``--backend NAME`` (repeatable) names the backends; without it every
-built-in backend is tried.  A backend named with ``--backend`` that cannot
-be loaded fails every test that needs it; a default one that cannot be
-loaded (its framework is not installed) is skipped, which the repository's
-``MULTIHESS_REQUIRE_BACKENDS`` setting turns into a failure where every
-framework must be present.
+built-in backend is tried.  ``NAME`` is what ``mh.get_backend`` accepts (a
+built-in name, a registered one, or one of the entry-point group
+``multihess.backends``), or a backend class not registered anywhere:
+``module:Class`` (an importable module) or ``path/to/file.py:Class`` (the
+file's folder is put on ``sys.path`` first, so it may import its siblings).
+Such a class is registered with ``mh.register_backend`` and checked under
+its ``name``.
+
+A backend named with ``--backend`` that cannot be loaded fails every test
+that needs it; a default one that cannot be loaded (its framework is not
+installed) is skipped, which the repository's ``MULTIHESS_REQUIRE_BACKENDS``
+setting turns into a failure where every framework must be present.
 """
 
 from __future__ import annotations
+
+import importlib
+import pathlib
+import sys
 
 import pytest
 
@@ -17,6 +28,8 @@ from . import mh
 BUILTIN_BACKENDS: tuple[str, ...] = ("torch", "jax", "tensorflow")
 
 _load_errors: dict[str, str] = {}
+# "module:Class" or "file.py:Class" -> the registered backend's name (the spec itself when it failed).
+_resolved: dict[str, str] = {}
 
 
 def add_backend_option(parser: pytest.Parser) -> None:
@@ -30,7 +43,8 @@ def add_backend_option(parser: pytest.Parser) -> None:
         default=None,
         dest="multihess_backends",
         metavar="NAME",
-        help="backend to check (repeatable): torch, jax, tensorflow or a registered one; default: every built-in",
+        help="backend to check (repeatable): torch, jax, tensorflow, an entry-point backend's name, "
+        "or module:Class / path/to/file.py:Class of a backend class; default: every built-in",
     )
 
 
@@ -39,11 +53,50 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def requested_backends(config: pytest.Config) -> tuple[list[str], bool]:
-    """The backends to check, and whether they were named explicitly."""
+    """The backends to check (``module:Class`` specs replaced by their names), and whether they were named."""
     names = config.getoption("multihess_backends", default=None)
     if not names:
         return list(BUILTIN_BACKENDS), False
-    return list(dict.fromkeys(names)), True  # repeated names once, in order
+    return list(dict.fromkeys(_resolve(n) for n in names)), True  # repeated names once, in order
+
+
+def _resolve(spec: str) -> str:
+    """The backend name for ``spec``: a name as it is, or the ``name`` of the class ``module:Class`` registered.
+
+    A class that cannot be imported or registered leaves the spec itself as
+    the name, with the reason recorded, so that every test of it fails.
+    """
+    if ":" not in spec:
+        return spec
+    if spec not in _resolved:
+        _resolved[spec] = spec
+        try:
+            cls = _import_class(spec)
+            mh.register_backend(cls)
+            _resolved[spec] = cls.name
+        except Exception as err:  # reported as the backend's load failure
+            _load_errors[spec] = f"{type(err).__name__}: {err}"
+    return _resolved[spec]
+
+
+def _import_class(spec: str) -> type:
+    """The class named by ``module:Class`` or ``path/to/file.py:Class``."""
+    target, _, attribute = spec.rpartition(":")
+    if not target or not attribute:
+        raise ValueError(f"expected module:Class or path/to/file.py:Class, got {spec!r}")
+    if target.endswith(".py"):
+        path = pathlib.Path(target).resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"no file {str(path)!r} (from --backend {spec})")
+        # The file's folder goes on the path so that it imports as a module with its siblings.
+        if str(path.parent) not in sys.path:
+            sys.path.insert(0, str(path.parent))
+        target = path.stem
+    module = importlib.import_module(target)
+    try:
+        return getattr(module, attribute)
+    except AttributeError:
+        raise AttributeError(f"module {target!r} has no class {attribute!r} (from --backend {spec})") from None
 
 
 def _load(name: str) -> str | None:
