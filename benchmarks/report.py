@@ -1,0 +1,195 @@
+"""Results as JSON and as a markdown table, with the machine and the versions."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+from harness import QUANTITIES, Row
+
+PACKAGES = (
+    "multihess",
+    "torch",
+    "jax",
+    "jaxlib",
+    "tensorflow",
+    "tensorflow-cpu",
+    "keras",
+    "numpy",
+    "scipy",
+    "pyhessian",
+    "curvlinops-for-pytorch",
+    "backpack-for-pytorch",
+)
+PEERS = ("PyHessian", "curvlinops", "BackPACK")
+
+
+def machine(device: str) -> dict:
+    info = {
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
+        "device": device,
+    }
+    if device.startswith("cuda") and "torch" in sys.modules:
+        import torch
+
+        info["gpu"] = torch.cuda.get_device_name()
+    if "torch" in sys.modules:
+        import torch
+
+        info["torch_threads"] = torch.get_num_threads()
+    if "jax" in sys.modules:
+        import jax
+
+        info["jax_devices"] = [str(d) for d in jax.devices()]
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def versions() -> dict:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def best_hand_written(rows: list[Row]) -> dict[tuple[str, str, str], Row]:
+    best: dict[tuple[str, str, str], Row] = {}
+    for r in rows:
+        if r.who == "hand-written" and r.seconds is not None and r.quantity != "gradient" and r.check != "MISMATCH":
+            key = (r.framework, r.model, r.quantity)
+            if key not in best or r.seconds < best[key].seconds:
+                best[key] = r
+    return best
+
+
+def write_results(rows: list[Row], settings: dict, out_dir: Path, tag: str | None, seconds: float) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = tag or f"{settings['device'].split(':')[0]}-{settings['scale']}"
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    meta = {
+        "date": when,
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "seconds": round(seconds, 1),
+        "machine": machine(settings["device"]),
+        "versions": versions(),
+        "settings": settings,
+    }
+    best = best_hand_written(rows)
+    payload = dict(meta)
+    payload["rows"] = []
+    for r in rows:
+        d = r.to_json()
+        b = best.get((r.framework, r.model, r.quantity))
+        if r.who != "hand-written" and b is not None and r.seconds is not None:
+            d["vs_best_hand_written"] = r.seconds / b.seconds
+        payload["rows"].append(d)
+    json_path = out_dir / f"{stem}.json"
+    json_path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    md_path = out_dir / f"{stem}.md"
+    md_path.write_text(markdown(rows, meta, best))
+    return json_path, md_path
+
+
+def _fmt_ratio(x: float | None) -> str:
+    return "" if x is None else f"{x:.2f}×"
+
+
+def markdown(rows: list[Row], meta: dict, best: dict) -> str:
+    m, s = meta["machine"], meta["settings"]
+    lines = [
+        f"# Benchmarks: {s['device']}, scale {s['scale']}",
+        "",
+        f"{meta['date']}; `{meta['command']}`; {meta['seconds']:.0f} s in all.",
+        "",
+        "Machine: " + ", ".join(f"{k} {v}" for k, v in m.items() if v is not None) + ".",
+        "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".",
+        "",
+        f"Each time is the median of {s['repeats']} calls after {s['warmup']} warm-up call(s), in one process; "
+        "**× grad** divides it by one gradient (forward + backward) of the same model, batch and framework; "
+        "**vs hand** divides it by the fastest hand-written row for the same quantity (below 1 is faster). "
+        "Peak memory is the growth of the resident set during one call on CPU (`max_memory_allocated` on CUDA). "
+        "**check**: agreement with the reference of the quantity, computed before timing "
+        "(relative 2-norm difference, or for estimates with independent probes the difference in combined "
+        "standard errors).",
+        "",
+    ]
+    lines += summary(rows, best)
+    for framework in dict.fromkeys(r.framework for r in rows):
+        for model in dict.fromkeys(r.model for r in rows if r.framework == framework):
+            sub = [r for r in rows if r.framework == framework and r.model == model]
+            lines += ["", f"## {framework}: {model}", ""]
+            lines += [
+                "| quantity | who | what | time (ms) | × grad | vs hand | peak MiB | check |",
+                "|---|---|---|---:|---:|---:|---:|---|",
+            ]
+            order = {q: i for i, q in enumerate(QUANTITIES)}
+            for r in sorted(sub, key=lambda r: order.get(r.quantity, 99)):
+                q = QUANTITIES.get(r.quantity, r.quantity)
+                if r.error:
+                    lines.append(f"| {q} | {r.who} | {r.what} | {_escape(r.error)} | | | | |")
+                    continue
+                b = best.get((r.framework, r.model, r.quantity))
+                vs = _fmt_ratio(r.seconds / b.seconds) if b is not None and r.who != "hand-written" else ""
+                if r is b:
+                    vs = "best"
+                mem = "" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.1f}"
+                lines.append(
+                    f"| {q} | {r.who} | {_escape(r.what)} | {r.seconds * 1e3:.2f} | {_fmt_ratio(r.ratio)} | {vs} "
+                    f"| {mem} | {r.check} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def summary(rows: list[Row], best: dict) -> list[str]:
+    """One line per framework and model: ratios to one gradient, multihess beside the fastest alternative."""
+    cols = ["hvp", "ggn", "trace", "ggn_diag", "ggn_trace", "eigen"]
+    lines = [
+        "## Summary: multihess / fastest hand-written / fastest peer, each × one gradient",
+        "",
+        "| framework | model | " + " | ".join(QUANTITIES[c] for c in cols) + " |",
+        "|---|---|" + "---|" * len(cols),
+    ]
+    for framework, model in dict.fromkeys((r.framework, r.model) for r in rows if r.model != "-"):
+        cells = []
+        for c in cols:
+            sub = [r for r in rows if (r.framework, r.model, r.quantity) == (framework, model, c)]
+            mh = next((r for r in sub if r.who == "multihess"), None)
+            hand = best.get((framework, model, c))
+            peers = [r for r in sub if r.who in PEERS and r.ratio is not None]
+            peer = min(peers, key=lambda r: r.ratio) if peers else None
+            parts = [
+                "fails" if mh is not None and mh.error else _fmt_ratio(mh.ratio) if mh is not None else "–",
+                _fmt_ratio(hand.ratio) if hand is not None else "–",
+                f"{_fmt_ratio(peer.ratio)} {peer.who}" if peer is not None else "–",
+            ]
+            cells.append(" / ".join(parts))
+        lines.append(f"| {framework} | {model} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _escape(text: str) -> str:
+    return text.replace("|", "\\|")
