@@ -47,6 +47,17 @@ def dtype_name(x: Array) -> str:
     return str(dtype).rsplit(".", 1)[-1]  # torch.float32 -> float32
 
 
+def device_name(x: Array) -> str:
+    """The device ``x`` lives on, as its framework names it (``"cpu"``, ``"cuda:0"``, ``"TFRT_CPU_0"``)."""
+    try:
+        device = x.device
+    except Exception:  # a JAX array sharded over several devices has no single device
+        return ",".join(sorted(str(d) for d in x.devices()))
+    if isinstance(device, str):  # TensorFlow: "/job:localhost/replica:0/task:0/device:CPU:0"
+        return device.rsplit("device:", 1)[-1].lower() or "cpu"
+    return str(device)
+
+
 def itemsize(x: Array) -> int:
     """Bytes per entry of ``x`` (2 for types NumPy does not know, such as bfloat16)."""
     try:

@@ -31,6 +31,14 @@ class BlockOperator(CurvatureOperator):
         ]
         self._zeros: dict[int, dict[int, Array]] = {}
 
+    @property
+    def T(self) -> CurvatureOperator:  # noqa: N802 - NumPy's name
+        # The full operators (H, G, H - G) are symmetric, so A[rows, cols]ᵀ = A[cols, rows].
+        return self if self.is_symmetric else BlockOperator(self.inner, self.cols, self.rows)
+
+    def _label_repr(self) -> str:
+        return f"BlockOperator[{self.inner._label_repr()}]"
+
     def _matmat_rows(self, V: Array) -> Array:
         b = self.backend
         k = shape(V)[0]

@@ -25,12 +25,12 @@ import numpy as np
 from ._arrays import is_floating, itemsize, machine_epsilon, shape
 from ._backend import Array, Backend, ParameterBinding
 from ._blocks import BlockOperator
+from ._checks import check_count
 from ._ggn import GGNOperator
 from ._losses import CallableLoss, CrossEntropyLoss, Loss
 from ._operator import CurvatureOperator
 from ._per_sample import sample_slice
 from ._problem import Problem
-from ._spectral import check_count
 
 _SAMPLE_CHECKS = 3
 """Samples evaluated alone to check that the model treats its inputs independently."""
@@ -78,16 +78,16 @@ def ggn_diagonal_samples(
     rng = np.random.default_rng(seed)
     state = _STATES.setdefault(op, _State())
     b = problem.backend
-    total = None
-    for weight, batch in problem.weighted_batches():
+
+    def batch_squares(batch: Any) -> Any:
         y = batch[1]
         if method == "exact":
-            cotangents = lambda z, y=y: per_sample_roots(b, loss, z, y)  # noqa: E731
+            cotangents = lambda z: per_sample_roots(b, loss, z, y)  # noqa: E731
         else:
-            cotangents = lambda z, y=y: sampled_roots(b, loss, z, y, k, rng)  # noqa: E731
-        part = _squares(state, problem, binding, batch, cotangents, per_cotangent=method == "mc", budget=budget)
-        part = part * weight
-        total = part if total is None else total + part
+            cotangents = lambda z: sampled_roots(b, loss, z, y, k, rng)  # noqa: E731
+        return _squares(state, problem, binding, batch, cotangents, per_cotangent=method == "mc", budget=budget)
+
+    total = problem.batch_sum(batch_squares)
     return total[None] if method == "exact" else total
 
 

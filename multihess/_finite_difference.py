@@ -36,11 +36,7 @@ class FiniteDifferenceHessian(CurvatureOperator):
         self._w_norm = float(np.linalg.norm(b.to_numpy(problem.binding.w).astype(np.float64)))
 
     def _gradient(self, w: Array) -> Array:
-        total = None
-        for weight, batch in self.problem.weighted_batches():
-            g = self._grad(w, batch) * weight
-            total = g if total is None else total + g
-        return total
+        return self.problem.batch_sum(lambda batch: self._grad(w, batch))
 
     def _matmat_rows(self, V: Array) -> Array:
         b = self.backend

@@ -59,9 +59,4 @@ class GGNOperator(CurvatureOperator):
 
     def _matmat_rows(self, V: Array) -> Array:
         w = self.problem.binding.w
-        total = None
-        for weight, batch in self.problem.weighted_batches():
-            part = self._product(w, batch, V)
-            part = part if weight == 1.0 else part * weight
-            total = part if total is None else total + part
-        return total
+        return self.problem.batch_sum(lambda batch: self._product(w, batch, V))

@@ -1,16 +1,28 @@
-"""The lazy linear operator every curvature matrix is exposed as."""
+"""The lazy linear operator every curvature matrix is exposed as, and its algebra.
+
+Return types follow one rule across the library: numbers that describe the
+operator as a whole (traces, norms, eigenvalues, densities, chain-rule
+errors) are NumPy float64 values on the host; anything indexed by parameters
+(products, diagonals, eigenvectors, dense matrices) is an array of the
+model's framework, in the parameters' dtype and on their device, or a tree
+shaped like the parameters when a tree went in.
+"""
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import numpy as np
 
-from ._arrays import all_finite, dtype_name, is_floating, shape
+from ._arrays import all_finite, device_name, dtype_name, is_floating, itemsize, shape
 from ._backend import Array, Backend, ParameterBinding
 
 DENSE_CHUNK = 64
 """Columns computed per batched product when building a dense matrix."""
+
+DENSE_BYTES_LIMIT = 4 * 2**30
+"""Largest dense matrix :meth:`CurvatureOperator.dense` builds (4 GiB); bigger ones are refused before allocating."""
 
 
 class CurvatureOperator:
@@ -18,6 +30,16 @@ class CurvatureOperator:
 
     Vectors go in and come out as flat 1-D arrays of the model's framework, or
     as trees shaped like the parameters (answered in the same form).
+
+    The interface estimators rely on is small and public: :attr:`shape`,
+    :attr:`dtype`, :attr:`device`, :attr:`backend` and the batched product
+    :meth:`apply_rows`.  Estimators accept a ``CurvatureOperator``, a square
+    dense matrix of a framework, or any object with ``shape``, ``dtype``,
+    ``backend`` and ``apply_rows`` (see :func:`as_operator`).  Operators
+    combine: ``H - G``, ``H + G``, ``2.0 * H``, ``-H``, ``H / 4`` and the
+    damped ``H.damped(λ)`` (``H + λI``), each product equal to the
+    combination; :meth:`to_scipy` exports a SciPy ``LinearOperator``.
+
     Subclasses implement :meth:`_matmat_rows`.
 
     Parameters
@@ -29,6 +51,17 @@ class CurvatureOperator:
         for a diagonal block such as the Hessian of a subset).
     check_finite : bool
         Whether user-facing products reject vectors with NaN or inf.
+
+    Examples
+    --------
+    >>> A = torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+    >>> H = mh.hessian(lambda w: w @ A @ w / 2, torch.zeros(2, dtype=torch.float64))
+    >>> H
+    HessianOperator(shape=(2, 2), dtype=float64, device=cpu, backend='torch')
+    >>> (H - 0.5 * H).dense().tolist()
+    [[1.0, 0.5], [0.5, 1.5]]
+    >>> H.damped(1.0) @ torch.ones(2, dtype=torch.float64)
+    tensor([4., 5.], dtype=torch.float64)
     """
 
     def __init__(
@@ -53,12 +86,31 @@ class CurvatureOperator:
         return self.cols.w.dtype
 
     @property
+    def device(self) -> str:
+        """The device the products run on, as the framework names it (``"cpu"``, ``"cuda:0"``)."""
+        return device_name(self.cols.w)
+
+    @property
     def is_symmetric(self) -> bool:
         """Whether rows and columns are the same parameters."""
         return self.rows is self.cols
 
+    @property
+    def T(self) -> CurvatureOperator:  # noqa: N802 - NumPy's name
+        """The transpose: the operator itself when symmetric, the mirrored block otherwise."""
+        if self.is_symmetric:
+            return self
+        raise NotImplementedError(f"{type(self).__name__} has no transpose")
+
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(shape={self.shape}, backend={self.backend.name!r})"
+        return (
+            f"{self._label_repr()}(shape={self.shape}, dtype={dtype_name(self.cols.w)}, device={self.device}, "
+            f"backend={self.backend.name!r})"
+        )
+
+    def _label_repr(self) -> str:
+        """How this operator reads inside the repr of a combination."""
+        return type(self).__name__
 
     # ------------------------------------------------------------------
     # Products
@@ -85,22 +137,36 @@ class CurvatureOperator:
         self._check_vector_values(V, "V")
         return b.xp.matrix_transpose(self._matmat_rows(b.xp.matrix_transpose(V)))
 
-    def _matmat_rows(self, V: Array) -> Array:
-        """``(A V^T)^T``: products with the rows of ``V`` (shape ``(k, n)`` → ``(k, m)``).
+    def apply_rows(self, V: Array) -> Array:
+        """``(A Vᵀ)ᵀ``: products with the rows of ``V`` (shape ``(k, n)`` → ``(k, m)``).
 
-        The internal entry point: no input checks, so estimators and Lanczos
-        call it without a host read per product.
+        The batched product estimators and Krylov methods use: framework
+        arrays in the parameters' dtype and on their device, no input
+        checks and no host reads, so that it can run once per step.
         """
+        return self._matmat_rows(V)
+
+    def _matmat_rows(self, V: Array) -> Array:
+        """The product behind :meth:`apply_rows`, implemented by each operator."""
         raise NotImplementedError
 
-    def dense(self, chunk_size: int = DENSE_CHUNK) -> Array:
+    def dense(self, chunk_size: int = DENSE_CHUNK, max_bytes: int = DENSE_BYTES_LIMIT) -> Array:
         """The full matrix, built from batched products on chunks of unit vectors.
 
         Only one ``(chunk_size, n)`` block of unit vectors exists at a time,
-        besides the result.
+        besides the result.  A matrix (with its twice-held concatenation)
+        larger than ``max_bytes`` is refused before anything is allocated.
         """
         b = self.backend
         m, n = self.shape
+        # The blocks and their concatenation coexist for a moment: twice the matrix.
+        needed = 2 * m * n * itemsize(self.cols.w)
+        if needed > max_bytes:
+            raise MemoryError(
+                f"the dense {m} x {n} matrix needs {needed / 2**30:.2f} GiB while built (limit "
+                f"{max_bytes / 2**30:.2f} GiB, max_bytes=); take a block with params=, or use an estimator "
+                "(mh.trace, mh.diagonal, mh.eigvalsh)"
+            )
         blocks = []
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
@@ -109,6 +175,70 @@ class CurvatureOperator:
             blocks.append(self._matmat_rows(b.asarray(units, self.cols.w)))
         # Each block holds columns start..stop of A as rows.
         return b.xp.matrix_transpose(b.xp.concat(blocks, axis=0))
+
+    def to_scipy(self) -> Any:
+        """A ``scipy.sparse.linalg.LinearOperator`` on float64 NumPy vectors, for ``eigsh``, ``cg`` and friends.
+
+        Each product sends its vectors to the operator's device in its dtype
+        and brings the answer back as float64.
+        """
+        try:
+            from scipy.sparse.linalg import LinearOperator
+        except ImportError as err:  # pragma: no cover - SciPy is a test dependency
+            raise ImportError("to_scipy needs SciPy: pip install scipy") from err
+        b, like = self.backend, self.cols.w
+
+        def rows_product(op: CurvatureOperator, X: np.ndarray) -> np.ndarray:
+            V = b.asarray(np.ascontiguousarray(np.asarray(X, dtype=np.float64).T), like)  # columns → rows
+            return np.asarray(b.to_numpy(op.apply_rows(V)), dtype=np.float64).T
+
+        return LinearOperator(
+            self.shape,
+            matvec=lambda x: rows_product(self, np.reshape(x, (-1, 1)))[:, 0],
+            matmat=lambda X: rows_product(self, X),
+            rmatvec=lambda x: rows_product(self.T, np.reshape(x, (-1, 1)))[:, 0],
+            rmatmat=lambda X: rows_product(self.T, X),
+            dtype=np.float64,
+        )
+
+    # ------------------------------------------------------------------
+    # Algebra
+    # ------------------------------------------------------------------
+    def __add__(self, other: Any) -> CurvatureOperator:
+        if isinstance(other, numbers.Number):
+            raise TypeError(
+                "adding a number to an operator is ambiguous; for the damped operator H + λI use H.damped(λ)"
+            )
+        return SumOperator([(1.0, self), (1.0, _compatible(self, other, "+"))])
+
+    def __sub__(self, other: Any) -> CurvatureOperator:
+        if isinstance(other, numbers.Number):
+            raise TypeError("subtracting a number from an operator is ambiguous; for H - λI use H.damped(-λ)")
+        return SumOperator([(1.0, self), (-1.0, _compatible(self, other, "-"))])
+
+    def __mul__(self, scalar: Any) -> CurvatureOperator:
+        return SumOperator([(_scalar(scalar, "*"), self)])
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, scalar: Any) -> CurvatureOperator:
+        value = _scalar(scalar, "/")
+        if value == 0.0:
+            raise ZeroDivisionError("cannot divide an operator by 0")
+        return SumOperator([(1.0 / value, self)])
+
+    def __neg__(self) -> CurvatureOperator:
+        return SumOperator([(-1.0, self)])
+
+    def damped(self, damping: float) -> CurvatureOperator:
+        """``A + λI``: the damped operator Newton and CG methods use (square operators only)."""
+        value = _scalar(damping, "damped")
+        if not self.is_symmetric:
+            raise ValueError(
+                f"damped needs a square operator over one set of parameters; this one is a cross block of shape "
+                f"{self.shape}"
+            )
+        return SumOperator([(1.0, self), (value, IdentityOperator(self.backend, self.cols, self.check_finite))])
 
     # ------------------------------------------------------------------
     # Input handling
@@ -146,16 +276,155 @@ class CurvatureOperator:
 
 
 class SumOperator(CurvatureOperator):
-    """``Σ c_i A_i`` over operators on the same parameters (e.g. the curvature effect ``H - G``)."""
+    """``Σ c_i A_i`` over operators on the same parameters (``H - G``, ``2 H``, ``H + λI``).
+
+    Nested sums are flattened, so a combination is one list of terms and a
+    product is one product per term.
+    """
 
     def __init__(self, terms: list[tuple[float, CurvatureOperator]]) -> None:
-        first = terms[0][1]
+        flat: list[tuple[float, CurvatureOperator]] = []
+        for coef, op in terms:
+            if isinstance(op, SumOperator):
+                flat.extend((coef * inner_coef, inner) for inner_coef, inner in op.terms)
+            else:
+                flat.append((float(coef), op))
+        first = flat[0][1]
         super().__init__(first.backend, first.rows, first.cols, first.check_finite)
-        self.terms = terms
+        self.terms = flat
+
+    @property
+    def is_symmetric(self) -> bool:
+        return all(op.is_symmetric for _, op in self.terms)
+
+    @property
+    def T(self) -> CurvatureOperator:  # noqa: N802 - NumPy's name
+        return self if self.is_symmetric else SumOperator([(coef, op.T) for coef, op in self.terms])
+
+    def _label_repr(self) -> str:
+        text = ""
+        for coef, op in self.terms:
+            sign = "-" if coef < 0 else "+"
+            size = abs(coef)
+            term = op._label_repr() if size == 1.0 else f"{size:g} * {op._label_repr()}"
+            text = (f"-{term}" if sign == "-" else term) if not text else f"{text} {sign} {term}"
+        return f"SumOperator[{text}]"
 
     def _matmat_rows(self, V: Array) -> Array:
         total = None
         for coef, op in self.terms:
-            part = op._matmat_rows(V) * coef
-            total = part if total is None else total + part
+            part = op._matmat_rows(V)  # v → A_i v
+            part = part if coef == 1.0 else part * coef  # → c_i A_i v
+            total = part if total is None else total + part  # → Σ c_i A_i v
         return total
+
+
+class IdentityOperator(CurvatureOperator):
+    """``I`` on one set of parameters: the damping term of :meth:`CurvatureOperator.damped`."""
+
+    def __init__(self, backend: Backend, binding: ParameterBinding, check_finite: bool = True) -> None:
+        super().__init__(backend, binding, binding, check_finite)
+
+    def _matmat_rows(self, V: Array) -> Array:
+        return V
+
+
+class DenseOperator(CurvatureOperator):
+    """A square dense matrix of a framework, seen as an operator (estimators accept one directly)."""
+
+    def __init__(self, backend: Backend, matrix: Array) -> None:
+        n = shape(matrix)[1]
+        binding = flat_binding(backend.xp.reshape(matrix[0], (n,)))
+        super().__init__(backend, binding, binding)
+        self.matrix = matrix
+
+    def _matmat_rows(self, V: Array) -> Array:
+        return self.backend.xp.matmul(V, self.backend.xp.matrix_transpose(self.matrix))  # (A Vᵀ)ᵀ = V Aᵀ
+
+
+class WrappedOperator(CurvatureOperator):
+    """Any object with ``shape``, ``dtype``, ``backend`` and ``apply_rows``, seen as a curvature operator."""
+
+    def __init__(self, backend: Backend, obj: Any) -> None:
+        m, n = (int(d) for d in obj.shape)
+        xp = backend.xp
+        device = getattr(obj, "device", None)
+        like = xp.zeros((n,), dtype=obj.dtype) if device is None else xp.zeros((n,), dtype=obj.dtype, device=device)
+        cols = flat_binding(like)
+        rows = cols if m == n else flat_binding(xp.zeros((m,), dtype=obj.dtype))
+        super().__init__(backend, rows, cols)
+        self.wrapped = obj
+
+    @property
+    def is_symmetric(self) -> bool:
+        return self.shape[0] == self.shape[1] and bool(getattr(self.wrapped, "is_symmetric", True))
+
+    def _label_repr(self) -> str:
+        return f"WrappedOperator[{type(self.wrapped).__name__}]"
+
+    def _matmat_rows(self, V: Array) -> Array:
+        return self.wrapped.apply_rows(V)
+
+
+def flat_binding(like: Array) -> ParameterBinding:
+    """A binding of one flat vector ``"params"`` shaped like ``like``, for operators without a model."""
+    n = shape(like)[0]
+
+    def from_tree(tree: Any) -> Array:
+        raise TypeError("this operator has no parameter tree: pass a flat vector")
+
+    return ParameterBinding(like, ["params"], [(n,)], lambda w, x: w, lambda flat: flat, from_tree)
+
+
+def as_operator(obj: Any, what: str) -> CurvatureOperator:
+    """``obj`` as a curvature operator: itself, a square dense framework matrix, or an object with the interface.
+
+    The interface is ``shape`` (a pair), ``dtype`` (a framework dtype),
+    ``backend`` (a :class:`Backend` or its name) and ``apply_rows(V)``
+    (products with the rows of a ``(k, n)`` framework array); an optional
+    ``device`` places the probes.
+    """
+    from ._dispatch import find_backend, get_backend
+
+    if isinstance(obj, CurvatureOperator):
+        return obj
+    if all(hasattr(obj, attr) for attr in ("shape", "dtype", "backend", "apply_rows")):
+        return WrappedOperator(get_backend(obj.backend), obj)
+    if hasattr(obj, "shape") and hasattr(obj, "dtype") and not isinstance(obj, np.ndarray):
+        try:
+            backend = find_backend(None, obj, [])
+        except TypeError:
+            backend = None
+        if backend is not None and backend.is_array(obj):
+            dims = shape(obj)
+            if len(dims) != 2 or dims[0] != dims[1]:
+                raise ValueError(f"{what} expects a square matrix, got an array of shape {dims}")
+            if not is_floating(backend.xp, obj):
+                raise TypeError(f"{what} expects a floating-point matrix, got {dtype_name(obj)}")
+            return DenseOperator(backend, obj)
+    raise TypeError(
+        f"{what} expects a curvature operator such as mh.hessian(...) or mh.ggn(...), a square framework matrix, "
+        f"or an object with shape, dtype, backend and apply_rows; got {type(obj).__name__}"
+    )
+
+
+def _scalar(value: Any, op: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value):
+        raise TypeError(f"operators combine with finite real numbers in {op!r}; got {value!r}")
+    return float(value)
+
+
+def _compatible(left: CurvatureOperator, right: Any, op: str) -> CurvatureOperator:
+    """``right`` when it can be combined with ``left`` (same backend, parameters and dtype), else a clear error."""
+    if not isinstance(right, CurvatureOperator):
+        raise TypeError(f"unsupported operand for {op!r}: CurvatureOperator and {type(right).__name__}")
+    if right.backend is not left.backend:
+        raise ValueError(f"cannot combine operators of backends {left.backend.name!r} and {right.backend.name!r}")
+    if right.rows.names != left.rows.names or right.cols.names != left.cols.names or right.shape != left.shape:
+        raise ValueError(
+            f"cannot combine operators over different parameters: {left.rows.names} x {left.cols.names} "
+            f"{left.shape} and {right.rows.names} x {right.cols.names} {right.shape}; build both with the same params="
+        )
+    if dtype_name(right.cols.w) != dtype_name(left.cols.w):
+        raise TypeError(f"cannot combine operators of dtypes {dtype_name(left.cols.w)} and {dtype_name(right.cols.w)}")
+    return right

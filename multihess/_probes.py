@@ -20,7 +20,6 @@ products come back once.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -30,9 +29,6 @@ from ._arrays import dtype_name, itemsize
 from ._operator import CurvatureOperator
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
-
-MEMORY_BUDGET = 2**30
-"""Default bound, in bytes, on the probe and product blocks held at once (1 GiB)."""
 
 MAX_ROWS = 64
 """Most probes sent through one batched product (more would multiply the backend's own working memory)."""
@@ -96,17 +92,6 @@ def order_by_name(names: list[str], sizes: list[int]) -> list[slice] | None:
         starts[name] = position
         position += size
     return [slice(starts[n], starts[n] + size) for n, size in zip(names, sizes)]
-
-
-def check_memory_budget(value: Any) -> int:
-    """The memory budget in bytes (default :data:`MEMORY_BUDGET`), or a clear error."""
-    if value is None:
-        return MEMORY_BUDGET
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"memory_budget must be an int number of bytes, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"memory_budget must be a positive number of bytes, got {value}")
-    return int(value)
 
 
 def rows_per_chunk(op: CurvatureOperator, memory_budget: int) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,8 +53,19 @@ class Problem:
         x, y = batch
         return self.loss.value(self.backend, self.binding.apply(w, x), y)
 
-    def weighted_batches(self) -> list[tuple[float, Batch]]:
-        return list(zip(self.batch_weights, self.batches))
+    def batch_sum(self, per_batch: Callable[[Batch], Any]) -> Any:
+        """``Σ_batches weight · per_batch(batch)``: the batch-weighted total of a per-batch quantity.
+
+        The one place where batches are combined: products, gradients and
+        diagonals of the whole data are this sum, with each batch's weight
+        its share of the samples (``"mean"``) or 1 (``"sum"``).
+        """
+        total = None
+        for weight, batch in zip(self.batch_weights, self.batches):
+            part = per_batch(batch)
+            part = part if weight == 1.0 else part * weight
+            total = part if total is None else total + part
+        return total
 
     def bind(self, selected: Sequence[str]) -> ParameterBinding:
         """A binding of a subset (for row/column trees of a block)."""

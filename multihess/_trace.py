@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._checks import check_choice, check_count, check_memory_budget, check_operator
 from ._estimate import Estimate
 from ._exact_ggn import ggn_diagonal_samples
 from ._operator import CurvatureOperator
 from ._probes import (
     DISTRIBUTIONS,
     RunningMoments,
-    check_memory_budget,
     draw_probes,
     probe_dtype,
     probe_order,
@@ -18,7 +18,6 @@ from ._probes import (
     products,
 )
 from ._sketch import exchangeable_sketch, product_eps, range_basis
-from ._spectral import check_choice, check_count, check_operator
 
 TRACE_METHODS = ("hutchinson", "hutch++", "xtrace", "exact", "mc")
 _MIN_PROBES = {"hutch++": 3, "xtrace": 2}
@@ -104,8 +103,10 @@ def trace(
 
     Examples
     --------
-    >>> est = mh.trace(mh.hessian(model, data=(x, y), loss="cross_entropy"), 30, method="xtrace")  # doctest: +SKIP
-    >>> est.value, est.std_error  # doctest: +SKIP
+    >>> H = mh.hessian(model, data=(x, y), loss="cross_entropy")
+    >>> est = mh.trace(H, 30, method="xtrace")
+    >>> bool(abs(est.value - torch.trace(H.dense())) <= 5 * est.std_error)
+    True
     """
     op = check_operator(op, "trace")
     num_probes = check_count(num_probes, "num_probes")
