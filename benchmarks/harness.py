@@ -247,7 +247,9 @@ class Bench:
             return f"{'ok' if ok else 'MISMATCH'} ({sigmas:.1f} s.e.)"
         scale = float(np.linalg.norm(ref.value))
         rel = float(np.linalg.norm(got - ref.value)) / max(scale, 1e-30)
-        return f"{'ok' if rel <= tol else 'MISMATCH'} (rel {rel:.0e})"
+        if rel <= tol:
+            return f"ok (rel {rel:.0e})"
+        return f"{'unconverged' if quantity == 'eigen' else 'MISMATCH'} (rel {rel:.0e})"
 
     def _emit(self, row: Row) -> None:
         self.rows.append(row)

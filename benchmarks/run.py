@@ -60,6 +60,8 @@ def main() -> None:
     setup(args, frameworks)
     memory = Memory(args.device)
     rows: list[Row] = []
+    settings = vars(args) | {"frameworks_run": frameworks, "frameworks_missing": skipped}
+    paths = (None, None)
     started = time.time()
     print(
         f"{'framework':>10} {'model':>11} | {'who':<12} {'what':<50} | time, ratio to one gradient, peak memory, check"
@@ -90,9 +92,9 @@ def main() -> None:
             except Exception as err:  # a bug in a row's setup: report it, go on with the next model
                 rows.append(Row(framework, name, "-", "-", "setup", error=f"fails: {describe(err)}"))
                 print(f"{framework:>10} {name:>11} | setup fails: {describe(err)}")
-    settings = vars(args) | {"frameworks_run": frameworks, "frameworks_missing": skipped}
-    json_path, md_path = write_results(rows, settings, out_dir, args.tag, time.time() - started)
-    print(f"\nwrote {json_path} and {md_path} ({time.time() - started:.0f} s)")
+            # Written after every model, so that a run stopped by a time limit keeps what it measured.
+            paths = write_results(rows, settings, out_dir, args.tag, time.time() - started)
+    print(f"\nwrote {paths[0]} and {paths[1]} ({time.time() - started:.0f} s)")
 
 
 def setup(args: argparse.Namespace, frameworks: list[str]) -> None:
@@ -115,10 +117,13 @@ def setup(args: argparse.Namespace, frameworks: list[str]) -> None:
 
         if args.threads:
             torch.set_num_threads(args.threads)
-    if "jax" in frameworks and not args.device.startswith("cuda"):
+    if "jax" in frameworks:
+        # JAX would otherwise take 75 % of the GPU's memory up front, leaving torch too little.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         import jax
 
-        jax.config.update("jax_platforms", "cpu")
+        if not args.device.startswith("cuda"):
+            jax.config.update("jax_platforms", "cpu")
 
 
 if __name__ == "__main__":
