@@ -7,6 +7,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -39,6 +40,11 @@ def machine(device: str) -> dict:
         "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
         "device": device,
     }
+    if "multihess" in sys.modules:
+        source = Path(sys.modules["multihess"].__file__).resolve().parent
+        info["multihess_source"] = str(source)
+        commit = source.parent / "COMMIT"  # a snapshot of the package made with git archive
+        info["multihess_commit"] = commit.read_text().strip() if commit.exists() else _git_head(source.parent)
     if device.startswith("cuda") and "torch" in sys.modules:
         import torch
 
@@ -52,6 +58,14 @@ def machine(device: str) -> dict:
 
         info["jax_devices"] = [str(d) for d in jax.devices()]
     return info
+
+
+def _git_head(folder: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(folder), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    except OSError:
+        return None
+    return out.stdout.strip() or None
 
 
 def _cpu_name() -> str:
@@ -128,13 +142,24 @@ def markdown(rows: list[Row], meta: dict, best: dict) -> str:
         "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".",
         "",
-        f"Each time is the median of {s['repeats']} calls after {s['warmup']} warm-up call(s), in one process; "
+        (
+            "`--quick`: each row is called once and that call is timed (compilation included): a smoke test, "
+            if s.get("quick")
+            else f"Each time is the median of {s['repeats']} calls after {s['warmup']} warm-up call(s), "
+        )
+        + "in one process; "
         "**× grad** divides it by one gradient (forward + backward) of the same model, batch and framework; "
         "**vs hand** divides it by the fastest hand-written row for the same quantity (below 1 is faster). "
         "Peak memory is the growth of the resident set during one call on CPU (`max_memory_allocated` on CUDA). "
         "**check**: agreement with the reference of the quantity, computed before timing "
         "(relative 2-norm difference, or for estimates with independent probes the difference in combined "
         "standard errors).",
+        "",
+        "Notes: hand-written rows marked *math attention* run inside `sdpa_kernel(SDPBackend.MATH)` with the "
+        "encoder in train mode (dropout 0), the change a user must make for second derivatives of PyTorch's "
+        "fused attention; the unmarked rows use the model as it is, as multihess and the peers do. "
+        "Eigenvalue rows are checked against Lanczos run to convergence; *unconverged* means more than 1 % off "
+        "after 20 iterations. TensorFlow runs with `TF_ENABLE_ONEDNN_OPTS=0` (see `run.py`).",
         "",
     ]
     lines += summary(rows, best)
