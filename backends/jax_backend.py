@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._backend import Array, Backend, ParameterBinding
+from .._trees import TreeLayout, TreeTools, framework_of, named_leaves, split_flat, vector_trees
 
 
 def _is_jax_array(x: Any) -> bool:
@@ -35,33 +36,6 @@ def _is_jax_array(x: Any) -> bool:
 def _is_array_like(x: Any) -> bool:
     """An array of any framework (NumPy, torch, TensorFlow, JAX)."""
     return hasattr(x, "shape") and hasattr(x, "dtype")
-
-
-def _key_name(key: Any) -> str:
-    """One step of a ``jax.tree_util`` key path as it appears in a dotted name."""
-    if isinstance(key, jax.tree_util.DictKey):
-        return str(key.key)
-    if isinstance(key, jax.tree_util.SequenceKey):
-        return str(key.idx)
-    if isinstance(key, jax.tree_util.GetAttrKey):
-        return key.name
-    if isinstance(key, jax.tree_util.FlattenedIndexKey):
-        return str(key.key)
-    return str(key).strip(".[]'\"")
-
-
-def _path_name(path: tuple[Any, ...]) -> str:
-    return ".".join(_key_name(k) for k in path) or "params"
-
-
-def _named_leaves(tree: Any) -> tuple[list[tuple[str, Any]], Any]:
-    """Every leaf of ``tree`` with its dotted name, and the tree structure."""
-    with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    return [(_path_name(path), leaf) for path, leaf in with_path], treedef
-
-
-def _framework_of(x: Any) -> str:
-    return type(x).__module__.split(".")[0]
 
 
 class _Static:
@@ -93,6 +67,7 @@ class JaxBackend(Backend):
 
     name = "jax"
     eager = False
+    tree = TreeTools(jax.tree_util.tree_flatten_with_path, jax.tree_util.tree_unflatten)
 
     @property
     def xp(self) -> Any:
@@ -102,7 +77,7 @@ class JaxBackend(Backend):
     def owns(self, obj: Any) -> bool:
         if _is_jax_array(obj):
             return True
-        if callable(obj) and _framework_of(obj) in ("jax", "jaxlib"):
+        if callable(obj) and framework_of(obj) in ("jax", "jaxlib"):
             return True  # a jax.jit-wrapped apply function
         leaves = jax.tree_util.tree_leaves(obj)
         if not leaves or (len(leaves) == 1 and leaves[0] is obj):
@@ -145,45 +120,22 @@ class JaxBackend(Backend):
 
     def named_parameters(self, model: Any, weights: Any) -> list[tuple[str, Array]]:
         tree, _ = self._tree_and_call(model, weights)
-        named, _ = _named_leaves(tree)
+        named, _ = named_leaves(self.tree, tree)
         return [(n, leaf) for n, leaf in named if _is_jax_array(leaf)]
 
     def bind(self, model: Any, weights: Any, selected: Sequence[str]) -> ParameterBinding:
         tree, call = self._tree_and_call(model, weights)
-        named, treedef = _named_leaves(tree)
-        leaves = [leaf for _, leaf in named]
-        position = {n: i for i, (n, leaf) in enumerate(named) if _is_jax_array(leaf)}
-        missing = [n for n in selected if n not in position]
-        if missing:
-            raise ValueError(f"no parameters named {missing}; the parameters are {list(position)}")
-        index = [position[n] for n in selected]
-        shapes = [tuple(int(d) for d in leaves[i].shape) for i in index]
-        dtypes = [leaves[i].dtype for i in index]
-        w = jnp.concatenate([jnp.ravel(leaves[i]) for i in index])
-        sizes = [int(np.prod(s, dtype=np.int64)) for s in shapes]
-        bounds = np.cumsum([0] + sizes).tolist()
-        unselected = {i for n, i in position.items() if n not in set(selected)}
-
-        def fill(flat: Array, base: list[Any]) -> Any:
-            # Static slices: free views under jit.
-            out = list(base)
-            for k, i in enumerate(index):
-                out[i] = jnp.reshape(flat[bounds[k] : bounds[k + 1]], shapes[k])
-            return jax.tree_util.tree_unflatten(treedef, out)
+        layout = TreeLayout.of(self.tree, tree, _is_jax_array)
+        layout.check_selected(selected)
+        chosen = [layout.leaves[layout.position[n]] for n in selected]
+        w = jnp.concatenate([jnp.ravel(p) for p in chosen])
+        shapes = [tuple(int(d) for d in p.shape) for p in chosen]
 
         def apply(flat: Array, x: Any) -> Array:
-            return call(fill(flat, leaves), x)
+            # Static slices: free views under jit.
+            return call(layout.filled(split_flat(jnp, flat, selected, shapes)), x)
 
-        # Vectors over a subset leave the other parameters out (None, an empty subtree).
-        tree_base = [None if i in unselected else leaf for i, leaf in enumerate(leaves)]
-
-        def to_tree(flat: Array) -> Any:
-            return fill(flat, tree_base)
-
-        def from_tree(v: Any) -> Array:
-            return _flatten_by_name(v, list(selected), shapes, dtypes)
-
-        return ParameterBinding(w, list(selected), shapes, apply, to_tree, from_tree)
+        return ParameterBinding(w, list(selected), shapes, apply, *vector_trees(self, layout, selected, chosen))
 
     # ------------------------------------------------------------------ primitives
     def value_and_grad(self, f: Callable[[Array], Array], w: Array) -> tuple[Array, Array]:
@@ -225,44 +177,3 @@ class JaxBackend(Backend):
 
     def stop_gradient(self, x: Array) -> Array:
         return jax.lax.stop_gradient(x)
-
-
-def _flatten_by_name(
-    tree: Any, names: Sequence[str], shapes: Sequence[tuple[int, ...]], dtypes: Sequence[Any]
-) -> Array:
-    """Flatten a tree of JAX arrays shaped like the selected parameters, checking names, shapes and dtypes."""
-    if _is_array_like(tree) and not isinstance(tree, (np.ndarray, np.generic)):
-        raise TypeError(
-            f"v is a {_framework_of(tree)}.{type(tree).__name__} but the model is a JAX model; arrays from two "
-            "frameworks cannot be mixed: convert v to a JAX array (jnp.asarray)"
-        )
-    named, _ = _named_leaves(tree)
-    arrays: dict[str, Any] = {}
-    for name, leaf in named:
-        if _is_jax_array(leaf):
-            arrays[name] = leaf
-        elif isinstance(leaf, (np.ndarray, np.generic)):
-            raise TypeError(f"v[{name!r}] is a NumPy array; pass JAX arrays (jnp.asarray) in the tree")
-        elif _is_array_like(leaf):
-            raise TypeError(
-                f"v[{name!r}] is a {_framework_of(leaf)}.{type(leaf).__name__} but the model is a JAX model; "
-                "arrays from two frameworks cannot be mixed: convert v to JAX arrays (jnp.asarray)"
-            )
-        # Other leaves (functions, sizes of an equinox-style module) carry no vector entries.
-    if set(arrays) != set(names):
-        raise ValueError(
-            f"v has entries {sorted(arrays)} but the parameters are {list(names)}; pass a flat vector, "
-            "or a tree shaped like the parameters (with None in place of parameters outside params=)"
-        )
-    parts = []
-    for name, shape, dtype in zip(names, shapes, dtypes):
-        leaf = arrays[name]
-        if tuple(leaf.shape) != tuple(shape):
-            raise ValueError(f"v[{name!r}] has shape {tuple(leaf.shape)}, expected {tuple(shape)}")
-        if leaf.dtype != dtype:
-            raise TypeError(
-                f"v[{name!r}] has dtype {np.dtype(leaf.dtype).name} but the parameter is "
-                f"{np.dtype(dtype).name}; cast v to the parameters' dtype"
-            )
-        parts.append(jnp.ravel(leaf))
-    return jnp.concatenate(parts)

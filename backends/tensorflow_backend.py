@@ -45,15 +45,26 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
+from .._arrays import dtype_name
 from .._arrays import shape as shape_of
 from .._backend import Array, Backend, Linearization, ParameterBinding
 from .._per_sample import generic_squares
+from .._trees import (
+    TreeLayout,
+    TreeTools,
+    check_not_foreign,
+    flatten_by_name,
+    framework_of,
+    named_leaves,
+    split_flat,
+    vector_trees,
+)
 from . import tensorflow_namespace
 
 _ZERO = tf.UnconnectedGradients.ZERO
@@ -93,10 +104,6 @@ def _is_array_like(x: Any) -> bool:
     return hasattr(x, "shape") and hasattr(x, "dtype")
 
 
-def _framework_of(x: Any) -> str:
-    return type(x).__module__.split(".")[0]
-
-
 def _as_tensor(x: Any) -> tf.Tensor:
     return x if isinstance(x, tf.Tensor) else tf.convert_to_tensor(x)
 
@@ -107,31 +114,33 @@ def _dtype(x: Any) -> tf.DType:
 
 
 # ----------------------------------------------------------------------------- tf.nest structures
-def _named_leaves(tree: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    """Leaves of a ``tf.nest`` structure with dotted names, in ``tf.nest.flatten`` order.
+def _flatten_with_path(tree: Any) -> tuple[list[tuple[tuple[Any, ...], Any]], Any]:
+    """``keras.tree`` paths of the leaves of a ``tf.nest`` structure (namedtuple fields by name); treedef: the tree.
 
-    Mappings are visited in sorted key order and namedtuples in field order,
-    as ``tf.nest`` does; other structures ``tf.nest`` knows (attrs classes)
-    name their leaves by position.  A bare leaf is ``"params"``.
+    ``keras.tree`` orders leaves as ``tf.nest`` does (mapping keys sorted),
+    which rebuilds the structure; a structure where the two disagree is refused
+    rather than filled in the wrong order.
     """
-    if not tf.nest.is_nested(tree):
-        return [(prefix or "params", tree)]
+    import keras
 
-    def join(key: Any) -> str:
-        return f"{prefix}.{key}" if prefix else str(key)
+    with_path = keras.tree.flatten_with_path(tree)
+    flat = tf.nest.flatten(tree)
+    if len(with_path) != len(flat) or any(a is not b for (_, a), b in zip(with_path, flat)):
+        raise TypeError(
+            f"params of type {type(tree).__name__} is a structure whose leaves cannot be named in tf.nest order; "
+            "pass a tensor, or nested dicts, lists, tuples and namedtuples of tensors"
+        )
+    return [(_field_names(tree, path), leaf) for path, leaf in with_path], tree
 
-    if isinstance(tree, Mapping):
-        items = [(k, tree[k]) for k in sorted(tree)]
-    elif isinstance(tree, tuple) and hasattr(tree, "_fields"):
-        items = list(zip(tree._fields, tree))
-    elif isinstance(tree, (list, tuple)):
-        items = list(enumerate(tree))
-    else:
-        return [(join(i), leaf) for i, leaf in enumerate(tf.nest.flatten(tree))]
-    out: list[tuple[str, Any]] = []
-    for key, value in items:
-        out.extend(_named_leaves(value, join(key)))
-    return out
+
+def _field_names(tree: Any, path: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``path`` with the positions inside namedtuples replaced by their field names."""
+    out, node = [], tree
+    for key in path:
+        fields = getattr(node, "_fields", None) if isinstance(node, tuple) else None
+        out.append(fields[key] if fields is not None else key)
+        node = node[key]
+    return tuple(out)
 
 
 # ----------------------------------------------------------------------------- tf.Module evaluation
@@ -214,6 +223,7 @@ class TensorFlowBackend(Backend):
     name = "tensorflow"
     eager = False
     xp = tensorflow_namespace
+    tree = TreeTools(_flatten_with_path, lambda structure, leaves: tf.nest.pack_sequence_as(structure, leaves))
 
     def __init__(self, hvp_mode: str = "reverse", jvp_mode: str = "transpose", jit_compile: bool = False) -> None:
         if hvp_mode not in _HVP_MODES:
@@ -228,11 +238,11 @@ class TensorFlowBackend(Backend):
     def owns(self, obj: Any) -> bool:
         if _is_tf_array(obj) or isinstance(obj, tf.Module) or _is_keras_layer(obj):
             return True
-        if callable(obj) and _framework_of(obj) in ("tensorflow", "keras"):
+        if callable(obj) and framework_of(obj) in ("tensorflow", "keras"):
             return True  # a tf.function-wrapped apply function
         if not tf.nest.is_nested(obj):
             return False
-        arrays = [leaf for _, leaf in _named_leaves(obj) if _is_array_like(leaf) or _is_tf_array(leaf)]
+        arrays = [leaf for leaf in tf.nest.flatten(obj) if _is_array_like(leaf) or _is_tf_array(leaf)]
         # Non-array leaves (sizes, activation functions) are allowed; arrays of another framework are not.
         return bool(arrays) and all(_is_tf_array(a) for a in arrays)
 
@@ -272,88 +282,68 @@ class TensorFlowBackend(Backend):
             return [(n, v) for n, v in _module_variables(model) if v.trainable]
         if weights is None:
             raise TypeError(
-                f"cannot find parameters in a {_framework_of(model)}.{type(model).__name__}: pass a Keras model, "
+                f"cannot find parameters in a {framework_of(model)}.{type(model).__name__}: pass a Keras model, "
                 "a tf.Module, or a function f(params, x) together with its params"
             )
-        return [(n, leaf) for n, leaf in _named_leaves(weights) if _is_tf_array(leaf)]
+        return [(n, leaf) for n, leaf in named_leaves(self.tree, weights)[0] if _is_tf_array(leaf)]
 
     def bind(self, model: Any, weights: Any, selected: Sequence[str]) -> ParameterBinding:
+        """Bind a subset; every parameter is a snapshot taken now (see :meth:`Backend.bind`)."""
+        xp, names = self.xp, list(selected)
+        if not self._stateful(model, weights):
+            layout = TreeLayout.of(self.tree, weights, _is_tf_array)
+            layout.check_selected(names)
+            # Snapshots: products see the values of the moment of binding, whatever happens to the variables later.
+            layout.leaves = [tf.identity(_as_tensor(leaf)) if _is_tf_array(leaf) else leaf for leaf in layout.leaves]
+            chosen = [layout.leaves[layout.position[n]] for n in names]
+            shapes = [shape_of(p) for p in chosen]
+
+            def apply_function(flat: tf.Tensor, x: Any) -> tf.Tensor:
+                tree = layout.filled(split_flat(xp, flat, names, shapes))
+                return model(tree) if x is None else model(tree, x)
+
+            w = tf.concat([tf.reshape(p, [-1]) for p in chosen], axis=0)
+            return ParameterBinding(w, names, shapes, apply_function, *vector_trees(self, layout, names, chosen))
+
         named = self.named_parameters(model, weights)
         position = {n: i for i, (n, _) in enumerate(named)}
-        missing = [n for n in selected if n not in position]
+        missing = [n for n in names if n not in position]
         if missing:
             raise ValueError(f"no parameters named {missing}; the parameters are {list(position)}")
-        index = [position[n] for n in selected]
-        arrays = [p for _, p in named]
-        shapes = [tuple(int(d) for d in arrays[i].shape) for i in index]
-        dtypes = [_dtype(arrays[i]) for i in index]
-        sizes = [int(np.prod(s, dtype=np.int64)) for s in shapes]
-        # Snapshots: products see the values of the moment of binding, whatever happens to the variables later.
-        values = [tf.identity(_as_tensor(p)) for p in arrays]
-        w = tf.concat([tf.reshape(values[i], [-1]) for i in index], axis=0)
+        index = [position[n] for n in names]
+        values = [tf.identity(_as_tensor(p)) for _, p in named]  # snapshots, as above
+        chosen = [values[i] for i in index]
+        shapes = [shape_of(p) for p in chosen]
+        dtypes = [dtype_name(p) for p in chosen]
+        w = tf.concat([tf.reshape(p, [-1]) for p in chosen], axis=0)
 
-        def split(flat: tf.Tensor) -> list[tf.Tensor]:
-            # One split op instead of a slice per parameter.
-            parts = tf.split(flat, sizes) if len(sizes) > 1 else [flat]
-            return [tf.reshape(part, shape) for part, shape in zip(parts, shapes)]
-
-        def filled(flat: tf.Tensor) -> list[tf.Tensor]:
-            out = list(values)
-            for i, part in zip(index, split(flat)):
+        def filled(flat: tf.Tensor, base: list[Any]) -> list[Any]:
+            out = list(base)
+            for i, part in zip(index, split_flat(xp, flat, names, shapes).values()):
                 out[i] = part
             return out
 
-        if weights is None and _is_keras_layer(model):
+        if _is_keras_layer(model):
             frozen = [tf.identity(_as_tensor(v)) for v in model.non_trainable_variables]
 
             def apply(flat: tf.Tensor, x: Any) -> tf.Tensor:
                 # stateless_call reads the given values instead of the variables and writes nothing back.
-                out, _ = model.stateless_call(filled(flat), frozen, x, training=False)
+                out, _ = model.stateless_call(filled(flat, values), frozen, x, training=False)
                 return out
 
-        elif weights is None and isinstance(model, tf.Module):
-            apply = _module_apply(model, [p for _, p in named])
-            apply = _with_values(apply, filled)
-
         else:
-            leaves = tf.nest.flatten(weights)
-            named_all = _named_leaves(weights)
-            if len(named_all) != len(leaves) or any(a is not b for (_, a), b in zip(named_all, leaves)):
-                # The names would not line up with the leaves tf.nest rebuilds the structure from.
-                raise TypeError(
-                    f"params of type {type(weights).__name__} is a structure whose leaves cannot be named in "
-                    "tf.nest order; pass a tensor, or nested dicts, lists, tuples and namedtuples of tensors"
-                )
-            # Positions of the parameters among all leaves of the structure.
-            leaf_index = [i for i, leaf in enumerate(leaves) if _is_tf_array(leaf)]
+            module_apply = _module_apply(model, [p for _, p in named])
+            apply = lambda flat, x: module_apply(filled(flat, values), x)  # noqa: E731
 
-            def rebuild(params: list[Any]) -> Any:
-                full = list(leaves)
-                for i, value in zip(leaf_index, params):
-                    full[i] = value
-                return tf.nest.pack_sequence_as(weights, full)
-
-            def apply(flat: tf.Tensor, x: Any) -> tf.Tensor:
-                tree = rebuild(filled(flat))
-                return model(tree) if x is None else model(tree, x)
-
-        stateful = self._stateful(model, weights)
-        chosen = set(index)
-
-        def to_tree(flat: tf.Tensor) -> Any:
-            parts = [None] * len(named)
-            for i, part in zip(index, split(flat)):
-                parts[i] = part
-            return parts if stateful else rebuild(parts)
+        def to_tree(flat: tf.Tensor) -> list[Any]:
+            # A list in trainable_variables order, None outside params=.
+            return filled(flat, [None] * len(named))
 
         def from_tree(v: Any) -> tf.Tensor:
-            if stateful:
-                leaves_by_name = _stateful_tree_by_name(v, [n for n, _ in named], chosen, list(selected))
-            else:
-                leaves_by_name = _structure_by_name(v)
-            return _flatten_by_name(leaves_by_name, list(selected), shapes, dtypes)
+            entries = _stateful_tree_by_name(self, v, [n for n, _ in named], set(index), names)
+            return flatten_by_name(self, entries, names, shapes, dtypes)
 
-        return ParameterBinding(w, list(selected), shapes, apply, to_tree, from_tree)
+        return ParameterBinding(w, names, shapes, apply, to_tree, from_tree)
 
     # ------------------------------------------------------------------ primitives
     def value_and_grad(self, f: Callable[[Array], Array], w: Array) -> tuple[Array, Array]:
@@ -535,13 +525,9 @@ def _module_apply(module: tf.Module, variables: list[tf.Variable]) -> Callable[[
     return apply
 
 
-def _with_values(
-    apply: Callable[[list[tf.Tensor], Any], tf.Tensor], filled: Callable[[tf.Tensor], list[tf.Tensor]]
-) -> Callable[[tf.Tensor, Any], tf.Tensor]:
-    return lambda flat, x: apply(filled(flat), x)
-
-
-def _stateful_tree_by_name(v: Any, names: list[str], chosen: set[int], selected: list[str]) -> dict[str, Any]:
+def _stateful_tree_by_name(
+    backend: Backend, v: Any, names: list[str], chosen: set[int], selected: list[str]
+) -> dict[str, Any]:
     """Entries of a vector tree for a Keras model or ``tf.Module``, keyed by parameter name.
 
     The tree is a list in ``trainable_variables`` order, with ``None`` in
@@ -557,58 +543,7 @@ def _stateful_tree_by_name(v: Any, names: list[str], chosen: set[int], selected:
         if extra:
             raise ValueError(f"v has entries for {extra}, which are outside params={selected}; put None there")
         return {names[i]: leaf for i, leaf in enumerate(v) if i in chosen and leaf is not None}
-    _reject_foreign_array(v)
+    check_not_foreign(backend, v)
     raise TypeError(
         f"v must be a flat tensor or a list in trainable_variables order (None outside params=), got {type(v).__name__}"
     )
-
-
-def _structure_by_name(v: Any) -> dict[str, Any]:
-    """Entries of a vector tree shaped like ``params``, keyed by their dotted path."""
-    _reject_foreign_array(v)
-    out = {}
-    for name, leaf in _named_leaves(v):
-        if leaf is None:  # a parameter outside params=
-            continue
-        if _is_tf_array(leaf) or _is_array_like(leaf):
-            out[name] = leaf
-        # Other leaves (sizes, functions in the structure) carry no vector entries.
-    return out
-
-
-def _reject_foreign_array(v: Any) -> None:
-    if _is_array_like(v) and not _is_tf_array(v) and not isinstance(v, (np.ndarray, np.generic)):
-        raise TypeError(
-            f"v is a {_framework_of(v)}.{type(v).__name__} but the model is a TensorFlow model; arrays from two "
-            "frameworks cannot be mixed: convert v to a TensorFlow tensor (tf.convert_to_tensor)"
-        )
-
-
-def _flatten_by_name(
-    leaves: dict[str, Any], names: Sequence[str], shapes: Sequence[tuple[int, ...]], dtypes: Sequence[tf.DType]
-) -> tf.Tensor:
-    """Flatten tensors keyed by parameter name, checking names, frameworks, shapes and dtypes."""
-    if set(leaves) != set(names):
-        raise ValueError(
-            f"v has entries {sorted(leaves)} but the parameters are {list(names)}; pass a flat vector, "
-            "or a tree shaped like the parameters (with None in place of parameters outside params=)"
-        )
-    parts = []
-    for name, shape, dtype in zip(names, shapes, dtypes):
-        leaf = leaves[name]
-        if isinstance(leaf, (np.ndarray, np.generic)):
-            raise TypeError(f"v[{name!r}] is a NumPy array; pass TensorFlow tensors (tf.convert_to_tensor) in the tree")
-        if not _is_tf_array(leaf):
-            raise TypeError(
-                f"v[{name!r}] is a {_framework_of(leaf)}.{type(leaf).__name__} but the model is a TensorFlow "
-                "model; arrays from two frameworks cannot be mixed: convert v to TensorFlow tensors"
-            )
-        if tuple(int(d) for d in leaf.shape) != tuple(shape):
-            raise ValueError(f"v[{name!r}] has shape {tuple(leaf.shape)}, expected {tuple(shape)}")
-        if _dtype(leaf) != dtype:
-            raise TypeError(
-                f"v[{name!r}] has dtype {_dtype(leaf).name} but the parameter is {dtype.name}; "
-                "cast v to the parameters' dtype"
-            )
-        parts.append(tf.reshape(_as_tensor(leaf), [-1]))
-    return tf.concat(parts, axis=0)

@@ -19,11 +19,21 @@ from typing import Any
 import array_api_compat.torch
 import numpy as np
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
+from .._arrays import dtype_name
 from .._backend import Array, Backend, Linearization, ParameterBinding
 from .._per_sample import generic_squares
-from .._trees import named_leaves, rebuild
+from .._trees import (
+    TreeLayout,
+    TreeTools,
+    check_not_foreign,
+    flatten_by_name,
+    named_leaves,
+    split_flat,
+    vector_trees,
+)
 from . import torch_per_sample
 
 
@@ -102,6 +112,7 @@ class TorchBackend(Backend):
 
     name = "torch"
     eager = True
+    tree = TreeTools(pytree.tree_flatten_with_path, lambda spec, leaves: pytree.tree_unflatten(leaves, spec))
 
     @property
     def xp(self) -> Any:
@@ -111,8 +122,11 @@ class TorchBackend(Backend):
     def owns(self, obj: Any) -> bool:
         if isinstance(obj, (torch.Tensor, nn.Module)):
             return True
-        leaves = named_leaves(obj, _is_tensor)
-        return bool(leaves) and all(_is_tensor(v) for _, v in leaves)
+        leaves = [leaf for _, leaf in named_leaves(self.tree, obj)[0]]
+        if len(leaves) == 1 and leaves[0] is obj:  # not a container
+            return False
+        arrays = [leaf for leaf in leaves if hasattr(leaf, "shape") and hasattr(leaf, "dtype")]
+        return bool(arrays) and all(_is_tensor(a) for a in arrays)
 
     def is_array(self, obj: Any) -> bool:
         return _is_tensor(obj)
@@ -129,57 +143,52 @@ class TorchBackend(Backend):
     def named_parameters(self, model: Any, weights: Any) -> list[tuple[str, Array]]:
         if isinstance(model, nn.Module) and weights is None:
             return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        return named_leaves(weights, _is_tensor)
+        return [(n, leaf) for n, leaf in named_leaves(self.tree, weights)[0] if _is_tensor(leaf)]
 
     def bind(self, model: Any, weights: Any, selected: Sequence[str]) -> ParameterBinding:
-        named = dict(self.named_parameters(model, weights))
-        chosen = [named[n] for n in selected]
-        shapes = [tuple(p.shape) for p in chosen]
-        sizes = [p.numel() for p in chosen]
-        w = torch.cat([p.detach().reshape(-1) for p in chosen]).clone()
-
-        def split(flat: torch.Tensor) -> dict[str, torch.Tensor]:
-            parts = torch.split(flat, sizes)
-            return {n: part.view(shape) for n, part, shape in zip(selected, parts, shapes)}
-
-        if isinstance(model, nn.Module) and weights is None:
-            fixed = {n: p.detach() for n, p in named.items() if n not in set(selected)}
-            # Private copies of the buffers: a model in training mode updates
-            # BatchNorm statistics on every forward, which must not touch the user's model.
-            fixed.update({n: b.detach().clone() for n, b in model.named_buffers()})
+        """Bind a subset; every parameter and buffer is a snapshot taken now (see :meth:`Backend.bind`)."""
+        xp, names = self.xp, list(selected)
+        if not (isinstance(model, nn.Module) and weights is None):
+            layout = TreeLayout.of(self.tree, weights, _is_tensor)
+            layout.check_selected(names)
+            chosen = [layout.leaves[layout.position[n]] for n in names]
+            w = torch.cat([p.detach().reshape(-1) for p in chosen]).clone()
+            shapes = [tuple(p.shape) for p in chosen]
+            # Snapshots of the parameters left fixed, as w is of the selected ones.
+            layout.leaves = [leaf.detach().clone() if _is_tensor(leaf) else leaf for leaf in layout.leaves]
 
             def apply(flat: torch.Tensor, x: Any) -> torch.Tensor:
-                args = x if isinstance(x, tuple) else (x,)
-                return torch.func.functional_call(model, {**fixed, **split(flat)}, args)
-
-            def to_tree(flat: torch.Tensor) -> dict[str, torch.Tensor]:
-                return split(flat)
-
-        else:
-
-            def apply(flat: torch.Tensor, x: Any) -> torch.Tensor:
-                tree = rebuild(weights, _is_tensor, split(flat))
+                tree = layout.filled(split_flat(xp, flat, names, shapes))
                 return model(tree) if x is None else model(tree, x)
 
-            # Vectors over a subset leave the other parameters out (None in their place).
-            left_out = {n: None for n in named if n not in set(selected)}
+            return ParameterBinding(w, names, shapes, apply, *vector_trees(self, layout, names, chosen))
 
-            def to_tree(flat: torch.Tensor) -> Any:
-                return rebuild(weights, _is_tensor, {**left_out, **split(flat)})
+        named = dict(self.named_parameters(model, weights))
+        chosen = [named[n] for n in names]
+        w = torch.cat([p.detach().reshape(-1) for p in chosen]).clone()
+        shapes = [tuple(p.shape) for p in chosen]
+        dtypes = [dtype_name(p) for p in chosen]
+        # Snapshots of the other parameters and of the buffers: products see the model as it was
+        # bound, and a model in training mode updating BatchNorm statistics cannot touch the user's.
+        fixed = {n: p.detach().clone() for n, p in named.items() if n not in set(names)}
+        fixed.update({n: b.detach().clone() for n, b in model.named_buffers()})
+
+        def apply(flat: torch.Tensor, x: Any) -> torch.Tensor:
+            args = x if isinstance(x, tuple) else (x,)
+            return torch.func.functional_call(model, {**fixed, **split_flat(xp, flat, names, shapes)}, args)
+
+        def to_tree(flat: torch.Tensor) -> dict[str, torch.Tensor]:
+            return split_flat(xp, flat, names, shapes)
 
         def from_tree(tree: Any) -> torch.Tensor:
-            if isinstance(model, nn.Module) and weights is None:
-                if not isinstance(tree, dict):
-                    raise TypeError(
-                        f"v must be a flat tensor or a dict keyed by parameter names {list(selected)}, "
-                        f"got {type(tree).__name__}"
-                    )
-                leaves = dict(tree)
-            else:
-                leaves = dict(named_leaves(tree, _is_tensor))
-            return _concat_by_name(leaves, selected, shapes)
+            if not isinstance(tree, dict):
+                check_not_foreign(self, tree)
+                raise TypeError(
+                    f"v must be a flat tensor or a dict keyed by parameter names {names}, got {type(tree).__name__}"
+                )
+            return flatten_by_name(self, dict(tree), names, shapes, dtypes)
 
-        return ParameterBinding(w, list(selected), shapes, apply, to_tree, from_tree)
+        return ParameterBinding(w, names, shapes, apply, to_tree, from_tree)
 
     # ------------------------------------------------------------------ primitives
     def value_and_grad(self, f: Callable[[Array], Array], w: Array) -> tuple[Array, Array]:
@@ -246,20 +255,3 @@ class TorchBackend(Backend):
 
     def stop_gradient(self, x: Array) -> Array:
         return x.detach()
-
-
-def _concat_by_name(leaves: dict[str, torch.Tensor], names: Sequence[str], shapes: Sequence[tuple]) -> torch.Tensor:
-    """Flatten a tree of tensors keyed by name, checking names and shapes."""
-    if set(leaves) != set(names):
-        raise ValueError(
-            f"v has entries {sorted(leaves)} but the parameters are {list(names)}; pass one tensor per parameter"
-        )
-    parts = []
-    for name, shape in zip(names, shapes):
-        t = leaves[name]
-        if not _is_tensor(t):
-            raise TypeError(f"v[{name!r}] must be a torch.Tensor, got {type(t).__name__}")
-        if tuple(t.shape) != tuple(shape):
-            raise ValueError(f"v[{name!r}] has shape {tuple(t.shape)}, expected {tuple(shape)}")
-        parts.append(t.reshape(-1))
-    return torch.cat(parts)

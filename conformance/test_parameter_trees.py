@@ -160,22 +160,8 @@ def test_from_tree_rejects_mismatched_trees(backend: str, dtype: str) -> None:
             _rejects(binding, mixed, target, f"a {type(foreign).__name__} for {target!r}")
 
 
-# Backends known to break a part of the contract; a strict xfail fails as soon as they keep it.
-KNOWN_GAPS = {
-    ("torch", "from_tree dtype"): "the torch backend's from_tree does not check dtypes: torch.cat promotes a "
-    "float32 entry among float64 ones and the product runs on the cast vector",
-}
-
-
-def _known_gap(request: pytest.FixtureRequest, backend: str, part: str) -> None:
-    reason = KNOWN_GAPS.get((backend, part))
-    if reason:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_from_tree_rejects_a_wrong_dtype(backend: str, dtype: str, request: pytest.FixtureRequest) -> None:
-    _known_gap(request, backend, "from_tree dtype")
+def test_from_tree_rejects_a_wrong_dtype(backend: str, dtype: str) -> None:
     problem = make_problem("tanh_mlp", backend, dtype)
     impl = mh.get_backend(backend)
     other = impl.xp.float32 if dtype == "float64" else impl.xp.float64

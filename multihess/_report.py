@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import numbers
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -15,6 +14,7 @@ import numpy as np
 
 from ._api import ggn, hessian
 from ._chain_rule_error import ChainRuleResult, chain_rule_error
+from ._checks import check_count
 from ._estimate import Estimate
 from ._spectral import SpectralDensity, eigvalsh, spectral_density
 from ._summary import summary
@@ -179,13 +179,17 @@ def report(
 
     Examples
     --------
-    >>> r = mh.report(model, data=(x, y), loss="cross_entropy", out="curvature")  # doctest: +SKIP
-    >>> r.hessian_top[0], r.layers["0"].chain_rule.relative_error  # doctest: +SKIP
+    >>> r = mh.report(model, data=(x, y), loss="cross_entropy", k=2, progress=False, verbose=False)
+    >>> H = mh.hessian(model, data=(x, y), loss="cross_entropy")
+    >>> bool(np.isclose(r.hessian_top[0], np.linalg.eigvalsh(H.dense().numpy())[-1]))
+    True
+    >>> r.layers["2"].chain_rule.relative_error < 1e-12  # the last layer: G == H
+    True
     """
-    k = _check_int(k, "k")
-    num_probes = _check_int(num_probes, "num_probes")
-    density_probes = _check_int(density_probes, "density_probes")
-    density_steps = _check_int(density_steps, "density_steps")
+    k = check_count(k, "k")
+    num_probes = check_count(num_probes, "num_probes")
+    density_probes = check_count(density_probes, "density_probes")
+    density_steps = check_count(density_steps, "density_steps")
     if trace_method not in _TRACE_METHODS:
         raise ValueError(f"unknown trace_method={trace_method!r}; choose one of {', '.join(map(repr, _TRACE_METHODS))}")
     out = _check_out(out)
@@ -224,14 +228,6 @@ def report(
 # ----------------------------------------------------------------------
 # Argument checks and progress
 # ----------------------------------------------------------------------
-def _check_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be at least 1, got {value}")
-    return int(value)
-
-
 def _check_out(out: Any) -> Path | None:
     if out is None:
         return None
