@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from ._trees import PYTHON_TREES, PythonTrees, TreeTools
+
 Array = Any
 """A framework array: ``torch.Tensor``, ``jax.Array`` or ``tf.Tensor``."""
 
@@ -111,7 +113,7 @@ class Backend(abc.ABC):
     which objects are its own, parameter binding, and automatic
     differentiation.
 
-    Required: the attributes :attr:`name`, :attr:`xp`, :attr:`eager` and the
+    Required: the attributes :attr:`name`, :attr:`xp`, :attr:`eager`, :attr:`tree` and the
     methods :meth:`owns`, :meth:`is_array`, :meth:`to_numpy`,
     :meth:`asarray`, :meth:`named_parameters`, :meth:`bind`,
     :meth:`value_and_grad`, :meth:`jvp`, :meth:`vjp`, :meth:`stop_gradient`.
@@ -137,6 +139,13 @@ class Backend(abc.ABC):
 
     eager: bool = True
     """Whether products run op by op (PyTorch): the core then keeps graphs per batch instead of compiling."""
+
+    tree: TreeTools | PythonTrees = PYTHON_TREES
+    """The framework's pytree tools (see :mod:`multihess._trees`): ``flatten_with_path`` and ``unflatten``.
+
+    The default handles plain dicts, lists, tuples and namedtuples; a backend
+    whose framework has its own pytrees (JAX, PyTorch, TensorFlow) brings them.
+    """
 
     @property
     @abc.abstractmethod
