@@ -185,8 +185,11 @@ def _is_numpy(obj: Any) -> bool:
 
 
 def _is_neutral(obj: Any) -> bool:
-    """Python numbers, strings and ``None``: data that belongs to no framework."""
-    return obj is None or isinstance(obj, (bool, int, float, complex, str, bytes))
+    """Python numbers, strings and ``None``: data that belongs to no framework.
+
+    NumPy scalars are not among them, although ``np.float64`` is a ``float``.
+    """
+    return obj is None or (isinstance(obj, (bool, int, float, complex, str, bytes)) and not _is_numpy(obj))
 
 
 def _describe(obj: Any) -> str:
