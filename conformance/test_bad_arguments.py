@@ -256,7 +256,7 @@ def test_spectral_density_arguments(backend: str) -> None:
         with pytest.raises(error, match=message):
             mh.spectral_density(H, grid=grid)
     with pytest.warns(RuntimeWarning, match="holds none of the spectrum"):
-        sd = mh.spectral_density(H, num_steps=3, grid=np.linspace(1e3, 2e3, 5), sigma=1e-3)
+        sd = mh.spectral_density(H, num_probes=1, num_steps=3, grid=np.linspace(1e3, 2e3, 5), sigma=1e-3)
     assert np.all(sd.density == 0)
 
 
