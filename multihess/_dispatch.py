@@ -164,16 +164,17 @@ def _entry_point_candidates(load_errors: dict[str, str]) -> list[Backend]:
     return out
 
 
+def _claims(backend: Backend, obj: Any) -> bool:
+    """``backend.owns(obj)``; an exception counts as no (a third party's owns() must not break dispatch)."""
+    try:
+        return bool(backend.owns(obj))
+    except Exception:
+        return False
+
+
 def _owners(obj: Any, candidates: Iterable[Backend]) -> list[Backend]:
     """The candidates that claim ``obj``, in candidate order."""
-    out = []
-    for backend in candidates:
-        try:
-            if backend.owns(obj):
-                out.append(backend)
-        except Exception:  # a third-party owns() must not break dispatch
-            continue
-    return out
+    return [backend for backend in candidates if _claims(backend, obj)]
 
 
 # ----------------------------------------------------------------------
@@ -207,14 +208,6 @@ def _objects(model: Any, weights: Any, data_leaves: list[Any]) -> list[tuple[str
     # Data without a shape (strings, sizes, a tokenizer) is passed to the model as it is.
     objects += [("data", leaf) for leaf in data_leaves if not _is_neutral(leaf) and hasattr(leaf, "shape")]
     return objects
-
-
-def _first_owner_of_all(claims: list[list[Backend]], candidates: list[Backend]) -> Backend | None:
-    """The first candidate that claims every object (``claims[i]`` are the owners of object ``i``)."""
-    for backend in candidates:
-        if all(any(owner is backend for owner in owners) for owners in claims):
-            return backend
-    return None
 
 
 def find_backend(model: Any, weights: Any, data_leaves: list[Any], override: str | None = None) -> Backend:
@@ -277,9 +270,13 @@ def find_backend(model: Any, weights: Any, data_leaves: list[Any], override: str
 
 
 def _choose(objects: list[tuple[str, Any]], candidates: list[Backend]) -> Backend | None:
+    """The first candidate that claims every object (a wrong one is usually rejected by the first object)."""
     if not objects:
         return None
-    return _first_owner_of_all([_owners(obj, candidates) for _, obj in objects], candidates)
+    for backend in candidates:
+        if all(_claims(backend, obj) for _, obj in objects):
+            return backend
+    return None
 
 
 def _check_override(
@@ -287,7 +284,7 @@ def _check_override(
 ) -> None:
     """With ``backend=``, every framework object must be the named backend's (NumPy arrays always are)."""
     for role, obj in objects:
-        if _is_numpy(obj) or _owners(obj, [backend]):
+        if _is_numpy(obj) or _claims(backend, obj):
             continue
         others = _owners(obj, candidates[1:]) or _owners(obj, _entry_point_candidates(load_errors))
         if others:
