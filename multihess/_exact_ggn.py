@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ._arrays import is_floating, itemsize, machine_epsilon, shape
+from ._arrays import itemsize, machine_epsilon, shape
 from ._backend import Array, Backend, ParameterBinding
 from ._blocks import BlockOperator
 from ._checks import check_count
@@ -81,6 +81,7 @@ def ggn_diagonal_samples(
 
     def batch_squares(batch: Any) -> Any:
         y = batch[1]
+        check_target_mass(b, loss, y, method)
         if method == "exact":
             cotangents = lambda z: per_sample_roots(b, loss, z, y)  # noqa: E731
         else:
@@ -91,6 +92,27 @@ def ggn_diagonal_samples(
     return total[None] if method == "exact" else total
 
 
+def check_target_mass(b: Backend, loss: Loss, y: Array, method: str) -> None:
+    """Refuse cross-entropy probability targets with a negative mass in some sample (host check, per batch).
+
+    ``H_z = t (diag(p) - p pᵀ)`` has a real square root only for ``t ≥ 0``;
+    with ``t < 0`` the square root would be NaN and so would the diagonal.
+    """
+    if not isinstance(loss, CrossEntropyLoss):
+        return
+    mass = loss.sample_mass(b, y)
+    if mass is None or mass.size == 0 or float(mass.min()) >= 0.0:
+        return
+    worst = float(mass.min())
+    count = int(np.sum(mass < 0))
+    raise ValueError(
+        f"method={method!r}: {count} sample(s) of the cross-entropy probability targets have a negative total "
+        f"mass (as low as {worst:.3g}); their output Hessian t·(diag(p) − p pᵀ) is negative semi-definite and has "
+        "no real square root. Pass targets whose rows sum to a non-negative number (distributions sum to 1), or "
+        "use method='hutchinson' or 'xdiag' (diagonal), 'hutchinson', 'hutch++' or 'xtrace' (trace)"
+    )
+
+
 # ----------------------------------------------------------------------
 # Cotangents: columns of the square root of H_z, exact or sampled
 # ----------------------------------------------------------------------
@@ -98,19 +120,25 @@ def per_sample_roots(b: Backend, loss: Loss, z: Array, y: Array) -> Array:
     """Columns of a square root of ``H_z`` that act on one sample each: ``(K, N, ...)``.
 
     The loss's ``sqrt_hz`` gives ``K`` columns for every sample.  For
-    cross-entropy over extra axes (``(N, C, d1, ...)``) a column spans every
-    position of a sample, but ``H_z`` has no terms across positions, so each
-    column is split into one per position (``K = C · d1 · …``).
+    cross-entropy over extra axes (``(N, C, d1, ...)``, or ``(N, d1, ..., C)``
+    with the class axis last) a column spans every position of a sample, but
+    ``H_z`` has no terms across positions, so each column is split into one
+    per position (``K = C · d1 · …``).
     """
     S = loss.sqrt_hz(b, z, y)
     dims = shape(z)
     if not isinstance(loss, CrossEntropyLoss) or len(dims) <= 2:
         return S
-    spatial = dims[2:]
+    if loss.class_axis == 1:
+        spatial, num_classes = dims[2:], dims[1]
+        mask_shape = (1, 1) + spatial  # against (N, C, d1, ...)
+    else:
+        spatial, num_classes = dims[1:-1], dims[-1]
+        mask_shape = (1,) + spatial + (1,)  # against (N, d1, ..., C)
     positions = math.prod(spatial)
-    mask = np.eye(positions).reshape((positions, 1, 1) + spatial)
-    split = S[:, None] * b.asarray(mask, z)  # (C, D, N, C, d1, ...)
-    return b.xp.reshape(split, (dims[1] * positions,) + dims)
+    mask = np.eye(positions).reshape((positions,) + mask_shape)
+    split = S[:, None] * b.asarray(mask, z)  # (C, D) + z.shape
+    return b.xp.reshape(split, (num_classes * positions,) + dims)
 
 
 def sampled_roots(b: Backend, loss: Loss, z: Array, y: Array, k: int, rng: np.random.Generator) -> Array:
@@ -130,15 +158,17 @@ def sampled_roots(b: Backend, loss: Loss, z: Array, y: Array, k: int, rng: np.ra
     z_np = np.asarray(b.to_numpy(z), dtype=np.float64)
     mass = None
     if isinstance(loss, CrossEntropyLoss):
-        logits = np.moveaxis(z_np, 1, -1)
+        last = loss.class_axis == -1
+        logits = z_np if last else np.moveaxis(z_np, 1, -1)
         p = np.exp(logits - logits.max(axis=-1, keepdims=True))
         p /= p.sum(axis=-1, keepdims=True)
         u = rng.random((k,) + p.shape[:-1])
         labels = np.minimum((np.cumsum(p, axis=-1) < u[..., None]).sum(axis=-1), p.shape[-1] - 1)
-        # As one-hot probability targets, class axis 1 (the same loss and gradient as integer labels).
-        draws = list(np.moveaxis(np.eye(p.shape[-1])[labels], -1, 2))
-        if is_floating(b.xp, y):  # probability targets: H_z carries each sample's target mass
-            mass = np.expand_dims(np.asarray(b.to_numpy(y), dtype=np.float64).sum(axis=1), 1)
+        # As one-hot probability targets on the loss's class axis (the same loss and gradient as labels).
+        onehot = np.eye(p.shape[-1])[labels]
+        draws = list(onehot if last else np.moveaxis(onehot, -1, 2))
+        mass = loss.sample_mass(b, y)  # probability targets: H_z carries each sample's target mass
+        loss = loss.with_probability_targets()
     elif loss.name == "mse":
         noise = rng.standard_normal((k,) + z_np.shape) / math.sqrt(2.0)
         draws = [z_np + noise[j] for j in range(k)]
@@ -172,17 +202,38 @@ def _squares(
     per_cotangent: bool,
     budget: int,
 ) -> np.ndarray:
-    """``Σ_n (J_nᵀ U[k, n])²`` in float64, ``U = cotangents(z)``: ``(K, P)`` if ``per_cotangent``, else ``(P,)``."""
+    """``Σ_n (J_nᵀ U[k, n])²`` in float64, ``U = cotangents(z)``: ``(K, P)`` if ``per_cotangent``, else ``(P,)``.
+
+    The squares are summed on the device in the parameters' dtype, or in
+    float32 for half-precision parameters (see :func:`_widened`).
+    """
     b = problem.backend
     x = batch[0]
     if id(batch) not in state.independent:
         state.independent[id(batch)] = _samples_independent(b, binding, x)
+    f, w = _widened(b, binding)
     if not state.independent[id(batch)]:
-        return _squares_full_batch(b, binding, x, cotangents, per_cotangent, budget)
+        return _squares_full_batch(b, f, w, x, cotangents, per_cotangent, budget)
     if per_cotangent not in state.squares:
-        state.squares[per_cotangent] = b.per_sample_squares(binding.apply, per_cotangent)
-    part = state.squares[per_cotangent](binding.w, x, cotangents, budget)
+        state.squares[per_cotangent] = b.per_sample_squares(f, per_cotangent)
+    part = state.squares[per_cotangent](w, x, cotangents, budget)
     return np.asarray(b.to_numpy(part), dtype=np.float64)
+
+
+def _widened(b: Backend, binding: ParameterBinding) -> tuple[Callable[[Array, Any], Array], Array]:
+    """``(apply, w)`` with half-precision parameters entering through a float32 copy.
+
+    The model still runs in its own dtype (``apply`` casts the float32
+    vector back first), so every per-sample product is computed in float16
+    or bfloat16, but the derivative of that cast turns each product into
+    float32 before it is squared and summed: squares of float16 products
+    under 6e-5 (2^-14) would be subnormal or zero, and sums over many
+    samples above 65504 would be inf.
+    """
+    if itemsize(binding.w) >= 4:
+        return binding.apply, binding.w
+    xp, dtype = b.xp, binding.w.dtype
+    return (lambda w, x: binding.apply(xp.astype(w, dtype), x)), xp.astype(binding.w, xp.float32)
 
 
 def _samples_independent(b: Backend, binding: ParameterBinding, x: Any) -> bool:
@@ -210,19 +261,20 @@ def _samples_independent(b: Backend, binding: ParameterBinding, x: Any) -> bool:
 
 def _squares_full_batch(
     b: Backend,
-    binding: ParameterBinding,
+    f: Callable[[Array, Any], Array],
+    w: Array,
     x: Any,
     cotangents: Callable[[Array], Array],
     per_cotangent: bool,
     budget: int,
 ) -> np.ndarray:
     """The same sums by VJPs through the whole batch, one per (column, sample): exact when samples interact."""
-    lin = b.linearize(binding.apply, binding.w, x)
+    lin = b.linearize(f, w, x)
     U = cotangents(b.stop_gradient(lin.out))
     K, N = shape(U)[:2]
     out_shape = shape(U)[2:]
-    P = binding.size
-    item = itemsize(binding.w)
+    P = shape(w)[0]
+    item = itemsize(w)
     per_row = (P + N * math.prod(out_shape)) * item
     rows = int(max(1, budget // max(per_row, 1)))
     total = np.zeros((K, P))
@@ -233,7 +285,7 @@ def _squares_full_batch(
             # Row j: column k of sample n0 + j, zero on every other sample.
             mask = np.zeros((n1 - n0, N) + ones)
             mask[np.arange(n1 - n0), np.arange(n0, n1)] = 1.0
-            cot = U[k][None] * b.asarray(mask, binding.w)
-            grads = lin.vjp_batched(cot)
-            total[k] += np.sum(np.asarray(b.to_numpy(grads * grads), dtype=np.float64), axis=0)
+            cot = U[k][None] * b.asarray(mask, U)
+            grads = np.asarray(b.to_numpy(lin.vjp_batched(cot)), dtype=np.float64)
+            total[k] += np.sum(grads * grads, axis=0)  # squared in float64 on the host
     return total if per_cotangent else total.sum(axis=0)
