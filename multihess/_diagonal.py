@@ -8,7 +8,7 @@ from ._checks import check_choice, check_count, check_memory_budget, check_opera
 from ._estimate import Estimate
 from ._exact_ggn import ggn_diagonal_samples
 from ._operator import CurvatureOperator
-from ._probes import DISTRIBUTIONS, RunningMoments, probe_products
+from ._probes import DISTRIBUTIONS, RunningMoments, probe_products, warn_low_precision
 from ._sketch import exchangeable_sketch
 
 DIAGONAL_METHODS = ("hutchinson", "xdiag", "exact", "mc")
@@ -82,7 +82,13 @@ def diagonal(
     -----
     Probe products are accumulated in float64 on the host; the exact and
     Monte Carlo diagonals are summed on the device per chunk of samples and
-    accumulated in float64 on the host.  For the exact diagonal the inputs
+    accumulated in float64 on the host.  Products run in the operator's
+    dtype; for float16 and bfloat16 operators the per-sample products of the
+    exact and Monte Carlo diagonals are squared and summed in float32, and
+    the float64 result is rounded once to the operator's dtype at the end
+    (entries beyond float16's 65504 become inf there, as they would be in
+    any float16 array).  A ``UserWarning`` says once per operator that
+    half-precision products carry their rounding.  For the exact diagonal the inputs
     must be processed independently by the model (no batch statistics): this
     is checked on a few samples, and a model that mixes its inputs falls back
     to full-batch products, ``C · N`` of them, which is slow but exact.
@@ -97,6 +103,7 @@ def diagonal(
     torch.Size([3, 8])
     """
     op = check_operator(op, "diagonal")
+    warn_low_precision(op, "diagonal")
     num_probes = check_count(num_probes, "num_probes")
     method = check_choice(method, "method", DIAGONAL_METHODS)
     distribution = check_choice(distribution, "distribution", DISTRIBUTIONS)

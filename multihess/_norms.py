@@ -7,7 +7,7 @@ import numpy as np
 from ._checks import check_choice, check_count, check_memory_budget, check_operator, make_rng
 from ._estimate import Estimate
 from ._operator import CurvatureOperator
-from ._probes import DISTRIBUTIONS, RunningMoments, probe_reductions
+from ._probes import DISTRIBUTIONS, RunningMoments, probe_reductions, warn_low_precision
 
 
 def frobenius_norm(
@@ -41,6 +41,14 @@ def frobenius_norm(
         error of the mean of ``‖A z_i‖²`` carried to the norm by the delta
         method, ``se / (2 ‖A‖_F)`` (NaN with a single probe).
 
+    Notes
+    -----
+    Each ``‖A z‖²`` is summed on the device in the operator's dtype, or in
+    float32 for float16 and bfloat16 operators (a float16 sum of squares
+    overflows once it passes 65504), and averaged in float64 on the host.
+    Products of float16 and bfloat16 operators carry their rounding, and a
+    ``UserWarning`` says so once per operator.
+
     Examples
     --------
     >>> G = mh.ggn(model, data=(x, y), loss="cross_entropy")
@@ -49,6 +57,7 @@ def frobenius_norm(
     True
     """
     op = check_operator(op, "frobenius_norm", symmetric=False)
+    warn_low_precision(op, "frobenius_norm")
     num_probes = check_count(num_probes, "num_probes")
     distribution = check_choice(distribution, "distribution", DISTRIBUTIONS)
     budget = check_memory_budget(memory_budget)

@@ -20,12 +20,14 @@ products come back once.
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
-from ._arrays import dtype_name, itemsize
+from ._arrays import dtype_name, itemsize, machine_epsilon
 from ._operator import CurvatureOperator
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
@@ -150,13 +152,53 @@ def probe_reductions(
 
     ``reduce`` maps a chunk of probes and their products (framework arrays,
     one probe per row) to one number per probe; only those numbers come back
-    to the host, in float64.
+    to the host, in float64.  Products are computed in the operator's dtype;
+    for float16 and bfloat16 operators the probes and products are widened
+    to float32 before ``reduce`` sees them, so that sums such as
+    ``Σ_i z_i (Az)_i`` neither overflow (float16 stops at 65504) nor round
+    each partial sum to 8 or 11 bits.
     """
     b, like = op.backend, op.cols.w
     n, order, dtype = op.shape[1], probe_order(op), probe_dtype(op)
     for start, stop in chunks(num, rows_per_chunk(op, memory_budget)):
         Z = b.asarray(draw_probes(rng, stop - start, n, distribution, order, dtype), like)
-        yield np.asarray(b.to_numpy(reduce(Z, op._matmat_rows(Z))), dtype=np.float64)
+        AZ = op._matmat_rows(Z)
+        yield np.asarray(b.to_numpy(reduce(widened(b.xp, Z), widened(b.xp, AZ))), dtype=np.float64)
+
+
+LOW_PRECISION = ("float16", "bfloat16")
+"""Dtypes whose products :func:`warn_low_precision` warns about and whose reductions are widened."""
+
+
+def widened(xp: Any, x: Any) -> Any:
+    """``x`` in float32 when it is float16 or bfloat16 (the accumulation dtype of reductions), else as it is."""
+    return xp.astype(x, xp.float32) if dtype_name(x) in LOW_PRECISION else x
+
+
+_WARNED: weakref.WeakSet[CurvatureOperator] = weakref.WeakSet()
+
+
+def warn_low_precision(op: CurvatureOperator, what: str) -> None:
+    """Warn once per operator that its products are in float16 or bfloat16 and carry that rounding.
+
+    Estimators accumulate in float32 or float64, which keeps their sums
+    finite and their averaging exact, but every product they average was
+    rounded to the operator's dtype (relative error about its machine
+    epsilon, more where the loss's terms cancel).
+    """
+    name = dtype_name(op.cols.w)
+    if name not in LOW_PRECISION or op in _WARNED:
+        return
+    _WARNED.add(op)
+    eps = machine_epsilon(op.cols.w)
+    warnings.warn(
+        f"{what}: the products of this {type(op).__name__} run in {name} (machine epsilon {eps:.1g}): each carries "
+        f"a relative rounding error of {eps:.0e} or more (more where the loss's terms cancel), and estimates built "
+        "from them inherit it, although they are accumulated in float32/float64. For accurate curvature, evaluate "
+        "a float32 copy of the model.",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 class RunningMoments:

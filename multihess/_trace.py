@@ -16,6 +16,7 @@ from ._probes import (
     probe_order,
     probe_reductions,
     products,
+    warn_low_precision,
 )
 from ._sketch import exchangeable_sketch, product_eps, range_basis
 
@@ -90,7 +91,9 @@ def trace(
     -----
     Probes go to the device in batches (at most 64 per product) and each
     product comes back once.  Hutchinson reduces each ``zᵀAz`` on the device,
-    in the operator's dtype, and averages them in float64 on the host; the
+    in the operator's dtype (float32 for float16 and bfloat16 operators,
+    whose sums would overflow at 65504 or lose all but 8 bits), and averages
+    them in float64 on the host; the
     sketches of Hutch++ and XTrace are held and processed in float64 on the
     host (``num_probes × n`` numbers).  Both are exact up to rounding
     once the sketch captures the whole range of ``A``: with
@@ -101,6 +104,12 @@ def trace(
     drawn for the parameters sorted by name and then put in the operator's
     order, so that the same seed gives the same estimate in every framework.
 
+    Products are computed in the operator's dtype.  For a float16 or
+    bfloat16 operator each product carries that dtype's rounding (relative
+    error about 1e-3 and 8e-3), which the estimate inherits; a
+    ``UserWarning`` says so once per operator.  The value is a Python float
+    whatever the dtype.
+
     Examples
     --------
     >>> H = mh.hessian(model, data=(x, y), loss="cross_entropy")
@@ -109,6 +118,7 @@ def trace(
     True
     """
     op = check_operator(op, "trace")
+    warn_low_precision(op, "trace")
     num_probes = check_count(num_probes, "num_probes")
     method = check_choice(method, "method", TRACE_METHODS)
     distribution = check_choice(distribution, "distribution", DISTRIBUTIONS)
