@@ -91,9 +91,21 @@ class JaxBackend(Backend):
         return _is_jax_array(obj)
 
     def to_numpy(self, x: Array) -> np.ndarray:
+        """``x`` on the host as NumPy; bfloat16 comes back as float32 (exactly), as in every backend.
+
+        JAX would hand out ``ml_dtypes.bfloat16`` arrays, which NumPy's own
+        routines (``linalg``, ``finfo``) do not take.
+        """
+        if x.dtype == jnp.bfloat16:
+            x = x.astype(jnp.float32)
         return np.asarray(jax.device_get(x))
 
-    def asarray(self, a: np.ndarray, like: Array) -> Array:
+    def asarray(self, a: np.ndarray | Array, like: Array) -> Array:
+        if _is_jax_array(a):
+            # Sharded data (a batch split over devices) stays as it is: jit places the computation.
+            if isinstance(like, jax.core.Tracer) or len(a.devices()) > 1 or a.devices() == like.devices():
+                return a
+            return jax.device_put(a, next(iter(like.devices())))
         a = np.asarray(a)
         # Floats take the parameters' dtype; labels stay integer (int32 unless x64 is on).
         dtype = like.dtype if a.dtype.kind == "f" else None

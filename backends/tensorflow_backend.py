@@ -164,9 +164,16 @@ class TensorFlowBackend(Backend):
         return is_tf_array(obj)
 
     def to_numpy(self, x: Array) -> np.ndarray:
-        return np.asarray(as_tensor(x).numpy())
+        """``x`` on the host as NumPy; bfloat16 comes back as float32 (exactly), as in every backend."""
+        x = as_tensor(x)
+        if x.dtype == tf.bfloat16:
+            x = tf.cast(x, tf.float32)
+        return np.asarray(x.numpy())
 
-    def asarray(self, a: np.ndarray, like: Array) -> Array:
+    def asarray(self, a: np.ndarray | Array, like: Array) -> Array:
+        if is_tf_array(a):
+            # TensorFlow places ops by their inputs' devices and copies as needed: nothing to move here.
+            return a
         a = np.asarray(a)
         if a.dtype.kind == "f":
             # Floats take the parameters' dtype; labels keep their integer dtype.

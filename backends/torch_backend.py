@@ -132,9 +132,16 @@ class TorchBackend(Backend):
         return _is_tensor(obj)
 
     def to_numpy(self, x: Array) -> np.ndarray:
-        return x.detach().cpu().numpy()
+        """``x`` on the host as NumPy; bfloat16, which NumPy lacks, comes back as float32 (exactly: a widening)."""
+        x = x.detach()
+        if x.dtype == torch.bfloat16:
+            x = x.float()
+        return x.cpu().numpy()
 
-    def asarray(self, a: np.ndarray, like: Array) -> Array:
+    def asarray(self, a: np.ndarray | Array, like: Array) -> Array:
+        if isinstance(a, torch.Tensor):
+            # Pinned host memory copies to the GPU asynchronously; .to() is free on the same device.
+            return a.to(like.device, non_blocking=a.device.type == "cpu" and a.is_pinned())
         a = np.asarray(a)
         dtype = like.dtype if a.dtype.kind == "f" else None
         return torch.as_tensor(a, dtype=dtype, device=like.device)

@@ -36,8 +36,19 @@ _COMMON_DOC = """
         ``"torch"``, ``"jax"``, ``"tensorflow"`` or a registered backend;
         by default inferred from the model and arrays.
     check_finite : bool
-        Reject NaN/inf in parameters and data (once, here) and in vectors
-        passed to products.
+        Reject NaN/inf in the parameters (here), in each batch (the first
+        time it is seen) and in vectors passed to products.
+    batch_fn : callable, optional
+        ``batch_fn(batch) -> (x, y)`` for batches that are not pairs, such as
+        dicts: ``batch_fn=lambda b: (b["input_ids"], b["labels"])``.
+    progress : bool, optional
+        Progress bars over the batches of a pass (tqdm, when installed):
+        shown once a pass has taken a second by default, from the start with
+        ``True``, never with ``False``.
+    cache_data : bool
+        Hold the batches of a one-shot iterator (a generator) in memory so
+        that it can be passed over more than once; other sources are
+        streamed, one pass per product.
 """
 
 
@@ -52,6 +63,7 @@ def _operator(
     reduction: str,
     backend: str | None,
     check_finite: bool,
+    data_options: dict[str, Any],
     **options: Any,
 ) -> CurvatureOperator:
     problem, rows, cols = build_problem(
@@ -65,6 +77,7 @@ def _operator(
         backend,
         check_finite,
         need_loss=kind in ("ggn", "curvature_effect"),
+        **data_options,
     )
     full = _full_operator(kind, problem, **options)
     if rows == problem.binding.names and cols == problem.binding.names:
@@ -72,6 +85,10 @@ def _operator(
     row_binding = problem.bind(rows)
     col_binding = row_binding if cols == rows else problem.bind(cols)
     return BlockOperator(full, row_binding, col_binding)
+
+
+def _data_options(batch_fn: Any, progress: bool | None, cache_data: bool) -> dict[str, Any]:
+    return {"batch_fn": batch_fn, "progress": progress, "cache_data": cache_data}
 
 
 def _full_operator(kind: str, problem: Problem, **options: Any) -> CurvatureOperator:
@@ -97,6 +114,9 @@ def hessian(
     reduction: str = "mean",
     backend: str | None = None,
     check_finite: bool = True,
+    batch_fn: Any = None,
+    progress: bool | None = None,
+    cache_data: bool = False,
 ) -> CurvatureOperator:
     """The exact Hessian of the loss with respect to the parameters, as a lazy operator.
     {common}
@@ -114,7 +134,19 @@ def hessian(
     >>> (mh.hessian(lambda w: (w**4).sum(), w) @ torch.ones(2, dtype=torch.float64)).tolist()  # 12 w²
     [12.0, 48.0]
     """
-    return _operator("hessian", model, weights, data, loss, params, col_params, reduction, backend, check_finite)
+    return _operator(
+        "hessian",
+        model,
+        weights,
+        data,
+        loss,
+        params,
+        col_params,
+        reduction,
+        backend,
+        check_finite,
+        _data_options(batch_fn, progress, cache_data),
+    )
 
 
 def ggn(
@@ -128,6 +160,9 @@ def ggn(
     reduction: str = "mean",
     backend: str | None = None,
     check_finite: bool = True,
+    batch_fn: Any = None,
+    progress: bool | None = None,
+    cache_data: bool = False,
 ) -> CurvatureOperator:
     """The generalized Gauss-Newton matrix ``J^T H_z J`` (approximate chain rule), as a lazy operator.
     {common}
@@ -135,7 +170,19 @@ def ggn(
     -------
     CurvatureOperator
     """
-    return _operator("ggn", model, weights, data, loss, params, col_params, reduction, backend, check_finite)
+    return _operator(
+        "ggn",
+        model,
+        weights,
+        data,
+        loss,
+        params,
+        col_params,
+        reduction,
+        backend,
+        check_finite,
+        _data_options(batch_fn, progress, cache_data),
+    )
 
 
 def curvature_effect(
@@ -149,6 +196,9 @@ def curvature_effect(
     reduction: str = "mean",
     backend: str | None = None,
     check_finite: bool = True,
+    batch_fn: Any = None,
+    progress: bool | None = None,
+    cache_data: bool = False,
 ) -> CurvatureOperator:
     """The curvature effect ``H - G = D_z ℓ • D²_w z``: what the approximate chain rule drops.
     {common}
@@ -157,7 +207,17 @@ def curvature_effect(
     CurvatureOperator
     """
     return _operator(
-        "curvature_effect", model, weights, data, loss, params, col_params, reduction, backend, check_finite
+        "curvature_effect",
+        model,
+        weights,
+        data,
+        loss,
+        params,
+        col_params,
+        reduction,
+        backend,
+        check_finite,
+        _data_options(batch_fn, progress, cache_data),
     )
 
 
@@ -172,6 +232,9 @@ def finite_difference_hessian(
     reduction: str = "mean",
     backend: str | None = None,
     check_finite: bool = True,
+    batch_fn: Any = None,
+    progress: bool | None = None,
+    cache_data: bool = False,
     step: float | None = None,
 ) -> CurvatureOperator:
     """Hessian products by central differences of gradients, for checking exact products.
@@ -195,6 +258,7 @@ def finite_difference_hessian(
         reduction,
         backend,
         check_finite,
+        _data_options(batch_fn, progress, cache_data),
         step=step,
     )
 

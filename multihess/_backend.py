@@ -168,11 +168,14 @@ class Backend(abc.ABC):
         """Copy an array to host memory as a NumPy array (same dtype where NumPy has it)."""
 
     @abc.abstractmethod
-    def asarray(self, a: np.ndarray, like: Array) -> Array:
-        """Make a framework array from NumPy data on the device of ``like``.
+    def asarray(self, a: np.ndarray | Array, like: Array) -> Array:
+        """NumPy data, or an array of this framework, as a framework array on the device of ``like``.
 
-        Floating data takes the dtype of ``like``; integer data keeps an
-        integer dtype (labels, indices).
+        Floating NumPy data takes the dtype of ``like``; integer data keeps an
+        integer dtype (labels, indices); framework arrays keep their dtype
+        and are only moved (no copy when already there; asynchronously from
+        pinned host memory where the framework can).  This is how batches
+        reach the parameters' device.
         """
 
     # ------------------------------------------------------------------

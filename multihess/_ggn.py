@@ -53,7 +53,7 @@ class GGNOperator(CurvatureOperator):
         if key in self._linearizations:
             return self._linearizations[key]
         lin = self.problem.backend.linearize(self.problem.binding.apply, self.problem.binding.w, batch[0])
-        if len(self.problem.batches) == 1:
+        if self.problem.source.single is not None:
             self._linearizations[key] = lin
         return lin
 

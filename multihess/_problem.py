@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from ._arrays import all_finite, dtype_name, is_floating, shape
 from ._backend import Array, Backend, ParameterBinding
+from ._data import DataSource
 from ._dispatch import find_backend
 from ._losses import Loss, make_loss
+from ._progress import progress_bar
 from ._trees import all_leaves
 
 Batch = Any
@@ -30,11 +32,14 @@ class Problem:
         union of the row and column selections).
     loss : Loss or None
         ``None`` for a plain scalar function ``fn(params)``.
-    batches : list
-        ``(x, y)`` pairs (``[None]`` for a plain function).
-    batch_weights : list of float
-        Factor of each batch's loss in the total: for ``"mean"`` the batch's
-        share of the samples, for ``"sum"`` 1.
+    source : DataSource or None
+        The batches, streamed once per pass (``None`` for a plain function).
+    reduction : {"mean", "sum"}
+        How batches combine: the sample-weighted mean of the batch losses,
+        or their sum.  Callable losses combine the same way.
+    progress : bool or None
+        Progress bars over the batches of a pass: ``None`` shows one once a
+        pass has taken a second, ``False`` never.
     """
 
     backend: Backend
@@ -42,9 +47,14 @@ class Problem:
     weights: Any
     binding: ParameterBinding
     loss: Loss | None
-    batches: list[Batch]
-    batch_weights: list[float]
+    source: DataSource | None
+    reduction: str
     check_finite: bool
+    progress: bool | None = None
+    passes: int = 0
+    """Passes over the data made so far (one per batched product)."""
+    _prepared_single: Batch | None = field(default=None, repr=False)
+    _checked: set[int] = field(default_factory=set, repr=False)
 
     def batch_loss(self, w: Array, batch: Batch) -> Array:
         """The loss of one batch at the flat parameters ``w`` (unweighted)."""
@@ -53,51 +63,68 @@ class Problem:
         x, y = batch
         return self.loss.value(self.backend, self.binding.apply(w, x), y)
 
+    def batches(self) -> Iterator[tuple[int, Batch]]:
+        """One pass over the data: ``(number of samples, batch)`` with each batch on the parameters' device.
+
+        One in-memory batch is converted once and handed out as the same
+        object every pass, so backends can keep its graphs; a source is
+        read lazily, one batch at a time, and each batch is checked the first
+        time it is seen.
+        """
+        if self.source.single is not None:
+            if self._prepared_single is None:
+                self._prepared_single = self.prepare(self.source.single, 0)
+            yield batch_size(self._prepared_single), self._prepared_single
+            return
+        for index, raw in enumerate(self._with_progress(self.source)):
+            batch = self.prepare(raw, index)
+            yield batch_size(batch), batch
+
+    def prepare(self, raw: Batch, index: int) -> Batch:
+        """A raw ``(x, y)`` batch converted to the parameters' device, checked on its first pass."""
+        batch = convert_batch(self.backend, raw, self.binding.w, index)
+        if index not in self._checked:
+            check_batch(self, batch, index)
+            self._checked.add(index)
+        return batch
+
     def batch_sum(self, per_batch: Callable[[Batch], Any]) -> Any:
-        """``Σ_batches weight · per_batch(batch)``: the batch-weighted total of a per-batch quantity.
+        """``Σ_batches weight · per_batch(batch)`` over one pass: the data's total of a per-batch quantity.
 
         The one place where batches are combined: products, gradients and
-        diagonals of the whole data are this sum, with each batch's weight
-        its share of the samples (``"mean"``) or 1 (``"sum"``).
+        diagonals of the whole data are this sum, with each batch weighted by
+        its share of the samples (``"mean"``) or by 1 (``"sum"``), for
+        built-in and callable losses alike.  The mean is accumulated as
+        ``Σ n_b · part_b`` and divided by ``Σ n_b`` at the end of the pass,
+        so the dataset's size need not be known in advance.
         """
-        total = None
-        for weight, batch in zip(self.batch_weights, self.batches):
-            part = per_batch(batch)
-            part = part if weight == 1.0 else part * weight
+        if self.source is None:
+            return per_batch(None)
+        self.passes += 1
+        mean = self.reduction == "mean" and self.source.single is None
+        total, samples = None, 0
+        for index, (n, batch) in enumerate(self.batches()):
+            try:
+                part = per_batch(batch)
+            except Exception as err:
+                if self.source.single is None and hasattr(err, "add_note"):
+                    err.add_note(f"(while processing batch {index} of data)")
+                raise
+            part = part * n if mean else part
             total = part if total is None else total + part
-        return total
+            samples += n
+        return total * (1.0 / samples) if mean else total
+
+    def _with_progress(self, source: DataSource) -> Iterable[Batch]:
+        if self.progress is False:
+            return source
+        return progress_bar(source, total=source.num_batches, desc="pass over data", force=bool(self.progress))
 
     def bind(self, selected: Sequence[str]) -> ParameterBinding:
         """A binding of a subset (for row/column trees of a block)."""
         if list(selected) == self.binding.names:
             return self.binding
         return self.backend.bind(self.model, self.weights, list(selected))
-
-
-def split_batches(data: Any) -> list[Batch]:
-    """One batch ``(x, y)`` or an iterable of batches, as a list of batches."""
-    # ``(x, y)`` is one batch; so is the tuple ``((x_a, x_b), y)`` of a model with two
-    # inputs.  A list whose first entry is a pair is a list of batches.
-    if isinstance(data, (tuple, list)) and len(data) == 2:
-        if not _looks_like_batch(data[0]) or (isinstance(data, tuple) and not _looks_like_batch(data[1])):
-            return [tuple(data)]
-    try:
-        batches = list(data)
-    except TypeError:
-        raise TypeError(
-            f"data must be one batch (x, y) or an iterable of such batches, got {type(data).__name__}"
-        ) from None
-    if not batches:
-        raise ValueError("data is empty: give at least one batch (x, y)")
-    for i, batch in enumerate(batches):
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            raise TypeError(f"batch {i} of data is not a pair (x, y): got {type(batch).__name__}")
-    return [tuple(b) for b in batches]
-
-
-def _looks_like_batch(obj: Any) -> bool:
-    """Whether ``obj`` is itself an ``(x, y)`` pair, i.e. ``data`` is a list of batches."""
-    return isinstance(obj, (tuple, list)) and len(obj) == 2 and not hasattr(obj, "shape")
 
 
 def select_names(named: list[tuple[str, Array]], params: Any) -> list[str]:
@@ -135,11 +162,16 @@ def build_problem(
     backend_name: str | None,
     check_finite: bool,
     need_loss: bool = False,
+    batch_fn: Callable[[Any], Any] | None = None,
+    progress: bool | None = None,
+    cache_data: bool = False,
 ) -> tuple[Problem, list[str], list[str]]:
     """Check the user's arguments and bind them; returns the problem and the row/column names."""
-    batches = [None] if data is None else split_batches(data)
-    data_leaves = [] if data is None else [leaf for b in batches for leaf in all_leaves(b)]
-    backend = find_backend(model, weights, data_leaves, backend_name)
+    source = None if data is None else DataSource(data, batch_fn, cache_data)
+    first = None if source is None else _first_batch(source)
+    backend = find_backend(model, weights, [] if first is None else all_leaves(first), backend_name)
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
 
     if data is None:
         if loss is not None:
@@ -178,55 +210,72 @@ def build_problem(
         raise TypeError(f"the selected parameters mix dtypes {sorted(dtypes)}; cast the model to one dtype")
     binding = backend.bind(model, weights, union)
 
-    batches = [_convert_batch(backend, b, binding.w) for b in batches]
-    problem = Problem(
-        backend, model, weights, binding, loss_obj, batches, _batch_weights(backend, batches, loss_obj), check_finite
-    )
-    _check_problem(problem)
+    problem = Problem(backend, model, weights, binding, loss_obj, source, reduction, check_finite, progress)
+    _check_problem(problem, None if first is None else problem.prepare(first, 0))
     return problem, rows, cols
 
 
-def _convert_batch(backend: Backend, batch: Batch, like: Array) -> Batch:
-    """NumPy data to framework arrays on the parameters' device (floats in their dtype)."""
-    if batch is None:
-        return None
+def _first_batch(source: DataSource) -> Batch:
+    """The first batch of a pass (read now, to detect the framework and check the model once)."""
+    for batch in source:
+        return batch
+    raise ValueError("data is empty: give at least one batch (x, y)")  # pragma: no cover - DataSource raises first
 
-    def convert(obj: Any) -> Any:
+
+def convert_batch(backend: Backend, batch: Batch, like: Array, index: int) -> Batch:
+    """A batch on the parameters' device: NumPy floats in the parameters' dtype, framework arrays moved.
+
+    Framework float data must already have the parameters' dtype: casting it
+    silently would hide a model and data that do not go together.
+    """
+
+    def convert(obj: Any, role: str) -> Any:
+        if isinstance(obj, tuple):
+            return tuple(convert(o, f"{role}[{i}]") for i, o in enumerate(obj))
         if isinstance(obj, np.ndarray):
             return backend.asarray(obj, like)
-        if isinstance(obj, tuple):
-            return tuple(convert(o) for o in obj)
+        if backend.is_array(obj):
+            if is_floating(backend.xp, obj) and dtype_name(obj) != dtype_name(like):
+                raise TypeError(
+                    f"{role} of batch {index} is {dtype_name(obj)} but the parameters are {dtype_name(like)}; "
+                    "cast the data or the model to one dtype"
+                )
+            return backend.asarray(obj, like)
+        if isinstance(obj, list):
+            raise TypeError(
+                f"{role} of batch {index} is a Python list; pass an array (a list of inputs for a model with "
+                "several inputs goes in a tuple: ((x_a, x_b), y))"
+            )
         return obj
 
-    return tuple(convert(part) for part in batch)
+    x, y = batch
+    return convert(x, "x"), convert(y, "y")
 
 
-def _batch_weights(backend: Backend, batches: list[Batch], loss: Loss | None) -> list[float]:
-    if loss is None or len(batches) == 1 or loss.reduction == "sum":
-        return [1.0] * len(batches)
-    sizes = [_batch_size(backend, b) for b in batches]
-    total = float(sum(sizes))
-    return [s / total for s in sizes]
+def batch_size(batch: Batch) -> int:
+    """Number of samples of a batch: the leading axis of its first input array."""
+    first = all_leaves(batch[0])[0]
+    return shape(first)[0] if hasattr(first, "shape") else len(first)
 
 
-def _batch_size(backend: Backend, batch: Batch) -> int:
-    x = batch[0]
-    first = all_leaves(x)[0]
-    return shape(first)[0] if backend.is_array(first) else len(first)
-
-
-def _check_problem(problem: Problem) -> None:
-    """One-time checks: finite parameters and data, matching shapes, a deterministic model."""
+def check_batch(problem: Problem, batch: Batch, index: int) -> None:
+    """Checks of one batch, made the first time it is seen: not empty, finite, targets that fit the loss."""
     b = problem.backend
+    if batch_size(batch) == 0:
+        raise ValueError(f"batch {index} of data is empty (0 samples); drop it from the data")
     if problem.check_finite:
-        if not all_finite(b.xp, problem.binding.w):
-            raise ValueError("the parameters contain NaN or inf; the curvature there is undefined")
-        for i, batch in enumerate(problem.batches):
-            for leaf in all_leaves(batch):
-                if b.is_array(leaf) and is_floating(b.xp, leaf) and not all_finite(b.xp, leaf):
-                    raise ValueError(
-                        f"batch {i} of data contains NaN or inf; clean the data or pass check_finite=False"
-                    )
+        for leaf in all_leaves(batch):
+            if b.is_array(leaf) and is_floating(b.xp, leaf) and not all_finite(b.xp, leaf):
+                raise ValueError(
+                    f"batch {index} of data contains NaN or inf; clean the data or pass check_finite=False"
+                )
+
+
+def _check_problem(problem: Problem, first: Batch | None) -> None:
+    """One-time checks: finite parameters, outputs that fit the loss on the first batch, a deterministic model."""
+    b = problem.backend
+    if problem.check_finite and not all_finite(b.xp, problem.binding.w):
+        raise ValueError("the parameters contain NaN or inf; the curvature there is undefined")
     if problem.loss is None:
         out = problem.binding.apply(problem.binding.w, None)
         if not b.is_array(out) or shape(out) not in ((), (1,)):
@@ -235,14 +284,14 @@ def _check_problem(problem: Problem) -> None:
                 f"{getattr(out, 'shape', type(out).__name__)}"
             )
         return
-    x, y = problem.batches[0]
-    first = problem.binding.apply(problem.binding.w, x)
-    if not b.is_array(first):
-        raise TypeError(f"the model returned {type(first).__name__}; it must return one array of outputs")
-    problem.loss.check(b, first, y)
-    problem.loss.value(b, first, y)  # a callable loss shows here whether it returns a scalar
-    second = problem.binding.apply(problem.binding.w, x)
-    a, c = b.to_numpy(first).astype(np.float64), b.to_numpy(second).astype(np.float64)
+    x, y = first
+    out = problem.binding.apply(problem.binding.w, x)
+    if not b.is_array(out):
+        raise TypeError(f"the model returned {type(out).__name__}; it must return one array of outputs")
+    problem.loss.check(b, out, y)
+    problem.loss.value(b, out, y)  # a callable loss shows here whether it returns a scalar
+    again = problem.binding.apply(problem.binding.w, x)
+    a, c = b.to_numpy(out).astype(np.float64), b.to_numpy(again).astype(np.float64)
     scale = max(1.0, float(np.max(np.abs(a))) if a.size else 1.0)
     if not np.allclose(a, c, rtol=0, atol=1e-5 * scale, equal_nan=True):
         raise ValueError(

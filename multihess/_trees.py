@@ -25,7 +25,7 @@ Examples
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,35 +59,38 @@ class PythonTrees:
     @staticmethod
     def flatten_with_path(tree: Any) -> tuple[list[tuple[tuple[Any, ...], Any]], Any]:
         out: list[tuple[tuple[Any, ...], Any]] = []
-
-        def walk(node: Any, path: tuple[Any, ...]) -> Any:
-            if node is None:
-                return None
-            if isinstance(node, dict):
-                return (type(node), [(k, walk(v, path + (k,))) for k, v in node.items()])
-            if isinstance(node, (list, tuple)):
-                return (type(node), [(i, walk(v, path + (i,))) for i, v in enumerate(node)])
-            out.append((path, node))
-            return "*"
-
-        return out, walk(tree, ())
+        return out, _walk(tree, (), out)
 
     @staticmethod
     def unflatten(treedef: Any, leaves: Sequence[Any]) -> Any:
-        queue = iter(leaves)
+        return _build(treedef, iter(leaves))
 
-        def build(node: Any) -> Any:
-            if node is None:
-                return None
-            if node == "*":
-                return next(queue)
-            kind, children = node
-            if issubclass(kind, dict):
-                return kind((k, build(child)) for k, child in children)
-            items = [build(child) for _, child in children]
-            return kind(*items) if hasattr(kind, "_fields") else kind(items)
 
-        return build(treedef)
+# Module-level recursion: a recursive closure would be a reference cycle that keeps every
+# leaf it saw (whole batches of data) alive until the garbage collector runs.
+def _walk(node: Any, path: tuple[Any, ...], out: list[tuple[tuple[Any, ...], Any]]) -> Any:
+    """The structure of ``node``, appending its leaves with their paths to ``out``."""
+    if node is None:
+        return None
+    if isinstance(node, dict):
+        return (type(node), [(k, _walk(v, path + (k,), out)) for k, v in node.items()])
+    if isinstance(node, (list, tuple)):
+        return (type(node), [(i, _walk(v, path + (i,), out)) for i, v in enumerate(node)])
+    out.append((path, node))
+    return "*"
+
+
+def _build(node: Any, leaves: Iterator[Any]) -> Any:
+    """The tree of structure ``node`` with its leaves taken in order from ``leaves``."""
+    if node is None:
+        return None
+    if node == "*":
+        return next(leaves)
+    kind, children = node
+    if issubclass(kind, dict):
+        return kind((k, _build(child, leaves)) for k, child in children)
+    items = [_build(child, leaves) for _, child in children]
+    return kind(*items) if hasattr(kind, "_fields") else kind(items)
 
 
 PYTHON_TREES = PythonTrees()
