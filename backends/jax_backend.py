@@ -62,11 +62,40 @@ def _is_traceable(leaf: Any) -> bool:
     return isinstance(leaf, (jax.Array, np.ndarray, np.generic))
 
 
+def _on_common_devices(arrays: list[Any], replicas: dict[int, tuple[Any, Any]]) -> list[Any]:
+    """The arrays, with those on one device replicated over the devices of a sharded one (a sharded batch).
+
+    jit needs every argument on the same devices.  Parameters are replicated
+    once and kept (``replicas``, by identity); vectors, new at each call,
+    are replicated each time.  Nothing changes when no argument is sharded.
+    """
+    widest = max((a.devices() for a in arrays if isinstance(a, jax.Array)), key=len, default=set())
+    if len(widest) < 2:
+        return arrays
+    mesh = jax.sharding.Mesh(np.array(sorted(widest, key=lambda d: d.id)), ("devices",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    out = []
+    for a in arrays:
+        if not isinstance(a, jax.Array) or len(a.devices()) > 1:
+            out.append(a)
+            continue
+        kept = replicas.get(id(a))
+        if kept is None or kept[0] is not a:
+            kept = (a, jax.device_put(a, replicated))
+            if a.size > 1024:  # parameters: worth keeping; small arrays are cheaper to copy again
+                replicas[id(a)] = kept
+        out.append(kept[1])
+    return out
+
+
 class JaxBackend(Backend):
     """The JAX backend (``backend="jax"``)."""
 
     name = "jax"
     eager = False
+
+    def __init__(self) -> None:
+        self._replicas: dict[int, tuple[Any, Any]] = {}
     tree = TreeTools(jax.tree_util.tree_flatten_with_path, jax.tree_util.tree_unflatten)
 
     @property
@@ -109,11 +138,12 @@ class JaxBackend(Backend):
         a = np.asarray(a)
         # Floats take the parameters' dtype; labels stay integer (int32 unless x64 is on).
         dtype = like.dtype if a.dtype.kind == "f" else None
-        if isinstance(like, jax.core.Tracer):  # inside jit/vmap: no device to read, placement follows the trace
-            return jnp.asarray(a, dtype=dtype)
         out = jnp.asarray(a, dtype=dtype)
-        devices = like.devices()
-        return jax.device_put(out, next(iter(devices))) if len(devices) == 1 else out
+        # Inside jit/vmap placement follows the trace; beside an uncommitted or sharded array, an
+        # uncommitted result goes wherever the computation runs.
+        if isinstance(like, jax.core.Tracer) or not like.committed or len(like.devices()) > 1:
+            return out
+        return jax.device_put(out, next(iter(like.devices())))
 
     # ------------------------------------------------------------------ parameters
     def _tree_and_call(self, model: Any, weights: Any) -> tuple[Any, Callable[[Any, Any], Any]]:
@@ -182,7 +212,7 @@ class JaxBackend(Backend):
         def call(*args: Any) -> Any:
             leaves, treedef = jax.tree_util.tree_flatten(args)
             static = tuple((i, _Static(leaf)) for i, leaf in enumerate(leaves) if not _is_traceable(leaf))
-            arrays = [leaf for leaf in leaves if _is_traceable(leaf)]
+            arrays = _on_common_devices([leaf for leaf in leaves if _is_traceable(leaf)], self._replicas)
             return run(treedef, static, arrays)
 
         return call

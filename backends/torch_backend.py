@@ -262,3 +262,16 @@ class TorchBackend(Backend):
 
     def stop_gradient(self, x: Array) -> Array:
         return x.detach()
+
+    def all_reduce(self, x: Array, group: Any) -> Array:
+        """Sum over the ranks of a ``torch.distributed`` process group (gloo on CPU, NCCL on GPU)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                "distributed= needs torch.distributed initialized on every rank "
+                "(torch.distributed.init_process_group) before the operator is used"
+            )
+        out = x.detach().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=None if group is True else group)
+        return out

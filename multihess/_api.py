@@ -49,6 +49,12 @@ _COMMON_DOC = """
         Hold the batches of a one-shot iterator (a generator) in memory so
         that it can be passed over more than once; other sources are
         streamed, one pass per product.
+    distributed : bool or process group, optional
+        Under ``torch.distributed``: each rank passes its own shard as
+        ``data`` and every product, gradient and estimate is summed over the
+        ranks with global sample weights (``True`` for the default group).
+        Every rank draws the same probes, so every rank gets the same
+        numbers.  Works on gloo (CPU) and NCCL (GPU, one device per rank).
 """
 
 
@@ -87,8 +93,8 @@ def _operator(
     return BlockOperator(full, row_binding, col_binding)
 
 
-def _data_options(batch_fn: Any, progress: bool | None, cache_data: bool) -> dict[str, Any]:
-    return {"batch_fn": batch_fn, "progress": progress, "cache_data": cache_data}
+def _data_options(batch_fn: Any, progress: bool | None, cache_data: bool, distributed: Any) -> dict[str, Any]:
+    return {"batch_fn": batch_fn, "progress": progress, "cache_data": cache_data, "distributed": distributed}
 
 
 def _full_operator(kind: str, problem: Problem, **options: Any) -> CurvatureOperator:
@@ -117,6 +123,7 @@ def hessian(
     batch_fn: Any = None,
     progress: bool | None = None,
     cache_data: bool = False,
+    distributed: Any = None,
 ) -> CurvatureOperator:
     """The exact Hessian of the loss with respect to the parameters, as a lazy operator.
     {common}
@@ -145,7 +152,7 @@ def hessian(
         reduction,
         backend,
         check_finite,
-        _data_options(batch_fn, progress, cache_data),
+        _data_options(batch_fn, progress, cache_data, distributed),
     )
 
 
@@ -163,6 +170,7 @@ def ggn(
     batch_fn: Any = None,
     progress: bool | None = None,
     cache_data: bool = False,
+    distributed: Any = None,
 ) -> CurvatureOperator:
     """The generalized Gauss-Newton matrix ``J^T H_z J`` (approximate chain rule), as a lazy operator.
     {common}
@@ -181,7 +189,7 @@ def ggn(
         reduction,
         backend,
         check_finite,
-        _data_options(batch_fn, progress, cache_data),
+        _data_options(batch_fn, progress, cache_data, distributed),
     )
 
 
@@ -199,6 +207,7 @@ def curvature_effect(
     batch_fn: Any = None,
     progress: bool | None = None,
     cache_data: bool = False,
+    distributed: Any = None,
 ) -> CurvatureOperator:
     """The curvature effect ``H - G = D_z ℓ • D²_w z``: what the approximate chain rule drops.
     {common}
@@ -217,7 +226,7 @@ def curvature_effect(
         reduction,
         backend,
         check_finite,
-        _data_options(batch_fn, progress, cache_data),
+        _data_options(batch_fn, progress, cache_data, distributed),
     )
 
 
@@ -235,6 +244,7 @@ def finite_difference_hessian(
     batch_fn: Any = None,
     progress: bool | None = None,
     cache_data: bool = False,
+    distributed: Any = None,
     step: float | None = None,
 ) -> CurvatureOperator:
     """Hessian products by central differences of gradients, for checking exact products.
@@ -258,7 +268,7 @@ def finite_difference_hessian(
         reduction,
         backend,
         check_finite,
-        _data_options(batch_fn, progress, cache_data),
+        _data_options(batch_fn, progress, cache_data, distributed),
         step=step,
     )
 

@@ -118,8 +118,9 @@ class Backend(abc.ABC):
     :meth:`asarray`, :meth:`named_parameters`, :meth:`bind`,
     :meth:`value_and_grad`, :meth:`jvp`, :meth:`vjp`, :meth:`stop_gradient`.
     Optional, with defaults written with the required ones: :meth:`vmap`,
-    :meth:`compile`, :meth:`map_rows`, :meth:`rowwise`, :meth:`hvp_function`,
-    :meth:`linearize`, :meth:`per_sample_squares`.
+    :meth:`compile`, :meth:`rowwise`, :meth:`hvp_function`,
+    :meth:`linearize`, :meth:`per_sample_squares`; and :meth:`all_reduce`
+    for several processes.
 
     Contracts every backend keeps (the conformance suite checks them):
 
@@ -242,13 +243,6 @@ class Backend(abc.ABC):
         """Compile ``f`` once for repeated calls with arrays of one shape (default: as is)."""
         return f
 
-    def map_rows(self, f: Callable[[Array], Array]) -> Callable[[Array], Array]:
-        """``f`` applied to each row of a stack along axis 0: vmapped if possible, else a loop."""
-        mapped = self.vmap(f, (0,))
-        if mapped is not None:
-            return mapped
-        return lambda rows: self.xp.stack([f(rows[i]) for i in range(int(rows.shape[0]))])
-
     def rowwise(self, f: Callable[[Array, Any, Array], Array]) -> Callable[[Array, Any, Array], Array]:
         """Turn ``f(w, batch, v)`` into a compiled ``F(w, batch, V)`` over the rows of ``V`` (shape ``(k, n)``).
 
@@ -291,7 +285,20 @@ class Backend(abc.ABC):
         out = fx(w)
         jvp = lambda v: self.jvp(fx, w, v)[1]  # noqa: E731
         vjp = lambda u: self.vjp(fx, w, u)[1]  # noqa: E731
-        return Linearization(out, jvp, vjp, self.map_rows(jvp), self.map_rows(vjp))
+        return Linearization(out, jvp, vjp, map_rows(self, jvp), map_rows(self, vjp))
+
+    def all_reduce(self, x: Array, group: Any) -> Array:
+        """The sum of ``x`` over the processes of ``group`` (``True``: the default group), on every process.
+
+        Called once per pass with the pass's total (a product block, a
+        gradient, a diagonal) and once with its sample count, so that every
+        process gets the result of the whole data.  ``x`` keeps its shape,
+        dtype and device; the caller's array is not modified.  The default
+        refuses: the backend has no notion of several processes.
+        """
+        raise NotImplementedError(
+            f"backend {self.name!r} cannot reduce across processes; drop distributed= or use a backend that can"
+        )
 
     def per_sample_squares(
         self, f: Callable[[Array, Any], Array], per_cotangent: bool = False
@@ -313,3 +320,11 @@ class Backend(abc.ABC):
         from ._per_sample import generic_squares
 
         return generic_squares(self, f, per_cotangent)
+
+
+def map_rows(backend: Backend, f: Callable[[Array], Array]) -> Callable[[Array], Array]:
+    """``f`` applied to each row of a stack along axis 0: vmapped where the backend can, else a loop."""
+    mapped = backend.vmap(f, (0,))
+    if mapped is not None:
+        return mapped
+    return lambda rows: backend.xp.stack([f(rows[i]) for i in range(int(rows.shape[0]))])

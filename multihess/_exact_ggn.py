@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ._arrays import itemsize, machine_epsilon, shape
-from ._backend import Array, Backend, ParameterBinding
+from ._backend import Array, Backend, ParameterBinding, map_rows
 from ._blocks import BlockOperator
 from ._checks import check_count
 from ._ggn import GGNOperator
@@ -187,7 +187,7 @@ def sampled_roots(b: Backend, loss: Loss, z: Array, y: Array, k: int, rng: np.ra
         return b.value_and_grad(lambda q: loss.value(b, q, target), z)[1]
 
     # ∇_z ℓ(z, ŷ) for every draw at once (vmapped where the backend can).
-    return b.map_rows(sampled_gradient)(targets) * root
+    return map_rows(b, sampled_gradient)(targets) * root
 
 
 # ----------------------------------------------------------------------

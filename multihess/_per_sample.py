@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._arrays import itemsize, shape
-from ._backend import Array, Backend
+from ._backend import Array, Backend, map_rows
 
 
 def with_sample_axis(x_n: Any) -> Any:
@@ -43,7 +43,7 @@ def per_sample_vjp(backend: Backend, f: Callable[[Array, Any], Array], w: Array,
     def one_sample(x_n: Any, u_n: Array) -> Array:
         x_one = with_sample_axis(x_n)
         g = lambda p: f(p, x_one)  # noqa: E731
-        return backend.map_rows(lambda u: backend.vjp(g, w, u[None])[1])(u_n)  # (K, P)
+        return map_rows(backend, lambda u: backend.vjp(g, w, u[None])[1])(u_n)  # (K, P)
 
     mapped = backend.vmap(one_sample, (0, 1))
     if mapped is not None:
@@ -52,7 +52,7 @@ def per_sample_vjp(backend: Backend, f: Callable[[Array, Any], Array], w: Array,
     for n in range(shape(U)[1]):
         x_n = sample_slice(x, n, n + 1)
         g = lambda p, x_n=x_n: f(p, x_n)  # noqa: E731
-        rows.append(backend.map_rows(lambda u, g=g: backend.vjp(g, w, u[None])[1])(U[:, n]))
+        rows.append(map_rows(backend, lambda u, g=g: backend.vjp(g, w, u[None])[1])(U[:, n]))
     return xp.stack(rows, axis=1)
 
 

@@ -40,6 +40,10 @@ class Problem:
     progress : bool or None
         Progress bars over the batches of a pass: ``None`` shows one once a
         pass has taken a second, ``False`` never.
+    distributed : None, True or a process group
+        Each process passes its own shard of the data; the total of every
+        pass and its sample count are summed over the processes
+        (``Backend.all_reduce``), so every process gets the whole data's result.
     """
 
     backend: Backend
@@ -51,6 +55,7 @@ class Problem:
     reduction: str
     check_finite: bool
     progress: bool | None = None
+    distributed: Any = None
     passes: int = 0
     """Passes over the data made so far (one per batched product)."""
     _prepared_single: Batch | None = field(default=None, repr=False)
@@ -113,7 +118,19 @@ class Problem:
             part = part * n if mean else part
             total = part if total is None else total + part
             samples += n
+        if self.distributed:
+            total, samples = self._across_processes(total, samples)
         return total * (1.0 / samples) if mean else total
+
+    def _across_processes(self, total: Any, samples: int) -> tuple[Any, int]:
+        """The pass's total and sample count summed over every process (every process gets the same)."""
+        b, like = self.backend, self.binding.w
+        if isinstance(total, np.ndarray):  # host-side accumulations (exact GGN diagonals)
+            total = np.asarray(b.to_numpy(b.all_reduce(b.asarray(total, like), self.distributed)), dtype=total.dtype)
+        else:
+            total = b.all_reduce(total, self.distributed)
+        count = b.all_reduce(b.asarray(np.array([samples], dtype=np.int64), like), self.distributed)
+        return total, int(b.to_numpy(count)[0])
 
     def _with_progress(self, source: DataSource) -> Iterable[Batch]:
         if self.progress is False:
@@ -165,6 +182,7 @@ def build_problem(
     batch_fn: Callable[[Any], Any] | None = None,
     progress: bool | None = None,
     cache_data: bool = False,
+    distributed: Any = None,
 ) -> tuple[Problem, list[str], list[str]]:
     """Check the user's arguments and bind them; returns the problem and the row/column names."""
     source = None if data is None else DataSource(data, batch_fn, cache_data)
@@ -210,7 +228,11 @@ def build_problem(
         raise TypeError(f"the selected parameters mix dtypes {sorted(dtypes)}; cast the model to one dtype")
     binding = backend.bind(model, weights, union)
 
-    problem = Problem(backend, model, weights, binding, loss_obj, source, reduction, check_finite, progress)
+    if distributed is not None and distributed is not False and source is None:
+        raise ValueError("distributed= shards the data across processes; it needs data=")
+    problem = Problem(
+        backend, model, weights, binding, loss_obj, source, reduction, check_finite, progress, distributed or None
+    )
     _check_problem(problem, None if first is None else problem.prepare(first, 0))
     return problem, rows, cols
 
