@@ -93,10 +93,11 @@ class JaxBackend(Backend):
 
     name = "jax"
     eager = False
+    tree = TreeTools(jax.tree_util.tree_flatten_with_path, jax.tree_util.tree_unflatten)
 
     def __init__(self) -> None:
+        # Parameters replicated over the devices of sharded batches, by identity (see _on_common_devices).
         self._replicas: dict[int, tuple[Any, Any]] = {}
-    tree = TreeTools(jax.tree_util.tree_flatten_with_path, jax.tree_util.tree_unflatten)
 
     @property
     def xp(self) -> Any:
