@@ -85,8 +85,9 @@ class DataSource:
             return
         count = 0
         for raw in self._factory():
-            yield self._pair(raw, count)
-            count += 1
+            for part in _replica_parts(raw):
+                yield self._pair(part, count)
+                count += 1
         if count == 0:
             raise ValueError("data is empty: a pass over it gave no batch; give at least one batch (x, y)")
 
@@ -101,6 +102,22 @@ class DataSource:
             )
         what = "batch_fn returned" if self.batch_fn is not None else f"batch {index} of data is"
         raise TypeError(f"{what} {type(batch).__name__}, not a pair (x, y); pass batch_fn= to build one")
+
+
+def _replica_parts(batch: Any) -> list[Any]:
+    """The per-replica slices of a batch from a ``tf.distribute`` distributed dataset, else the batch itself.
+
+    Under ``MirroredStrategy`` a distributed dataset yields ``PerReplica``
+    values, one slice of the global batch per replica.  Each slice is a
+    batch of its own here (on its replica's device); the sample-weighted sum
+    over slices gives the result of the whole global batch.
+    """
+    leaves = batch if isinstance(batch, (tuple, list)) else (batch,)
+    if not any(type(leaf).__name__ == "PerReplica" for leaf in leaves):
+        return [batch]
+    per_leaf = [leaf.values if type(leaf).__name__ == "PerReplica" else None for leaf in leaves]
+    replicas = len(next(v for v in per_leaf if v is not None))
+    return [type(batch)(v[r] if v is not None else leaf for v, leaf in zip(per_leaf, leaves)) for r in range(replicas)]
 
 
 def _is_one_batch(data: Any, batch_fn: Callable[[Any], Any] | None) -> bool:

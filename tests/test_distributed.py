@@ -188,3 +188,42 @@ def test_distributed_errors_are_clear() -> None:
         H @ torch.ones(H.shape[1], dtype=torch.float64)
     with pytest.raises(ValueError, match="needs data="):
         mh.hessian(lambda w: (w**2).sum(), torch.ones(2), distributed=True)
+
+
+TF_MIRRORED = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np, tensorflow as tf
+    import multihess as mh
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    assert strategy.num_replicas_in_sync == 2
+    rng = np.random.default_rng(0)
+    W = tf.constant(rng.normal(size=(3, 4)))
+    x, y = rng.normal(size=(24, 3)), rng.integers(0, 4, size=24)
+
+    def apply(w, inputs):
+        return tf.tanh(tf.linalg.matmul(inputs, w))
+
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    distributed = strategy.experimental_distribute_dataset(dataset)
+    out = {}
+    for label, data in (("mirrored", distributed), ("single", dataset)):
+        H = mh.hessian(apply, W, data=data, loss="cross_entropy")
+        out[label] = H.dense().numpy().tolist()
+    with open(sys.argv[1], "w") as f:
+        json.dump(out, f)
+    """
+)
+
+
+def test_tf_mirrored_strategy_dataset_equals_the_single_device_result(tmp_path: Path) -> None:
+    script, out = tmp_path / "mirrored.py", tmp_path / "mirrored.json"
+    script.write_text(TF_MIRRORED)
+    _run_all([[sys.executable, str(script), str(out)]], _env())
+    result = json.loads(out.read_text())
+    single = np.asarray(result["single"])
+    assert np.max(np.abs(single)) > 1e-3  # a Hessian worth comparing
+    np.testing.assert_allclose(np.asarray(result["mirrored"]), single, rtol=1e-10, atol=1e-13)
