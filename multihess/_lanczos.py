@@ -1,59 +1,196 @@
-"""Krylov machinery on the host: products in the operator's framework, recurrences in float64.
+"""Krylov machinery on the parameters' device: Lanczos, Lanczos quadrature and power iteration.
 
-The Lanczos bases live in host memory as float64 NumPy arrays.  Each step
-sends one block of vectors to the operator's device in its dtype, applies
-``op._matmat_rows`` once and brings the product back; dot products,
-orthogonalization and the tridiagonal eigenproblems run in float64 whatever
-the precision of the products.
+Every vector of length ``n`` stays on the device the parameters live on, in
+the framework's arrays, and every operation on such vectors goes through the
+backend's array-API namespace ``xp``: the products, the Krylov bases, the
+Gram-Schmidt orthogonalization, dot products and norms.  What comes back to
+the host per step is a handful of scalars (``α``, ``β`` and the norms the
+breakdown, convergence and second-pass tests need), read in one transfer
+per Gram-Schmidt pass.  The small problems (tridiagonal eigenproblems, Ritz
+values, the quadrature rules) are solved on the host in NumPy float64.
+Random vectors are drawn on the host from one NumPy seed (so that a seed
+means the same numbers in every framework) and sent once per start.
+
+Two dtypes are involved:
+
+* the *product dtype*, that of the parameters: the operator's products run
+  in it, and the vectors going into a product are rounded to it;
+* the *accumulation dtype*, which the bases, dot products and norms use:
+  float64 where the device computes in it (CPUs and CUDA with PyTorch and
+  TensorFlow, JAX with ``jax_enable_x64``), float32 otherwise (JAX without
+  x64, Apple's MPS).  :func:`accumulation_dtype` finds it by trying a cast
+  to float64 on the device and looking at the dtype that comes out.
+
+Thresholds that compare against rounding use the larger machine epsilon of
+the two (:attr:`DeviceOperator.eps`): a residual can be resolved no better
+than the products and the arithmetic that measure it.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from ._arrays import machine_epsilon
+from ._arrays import Array, Namespace, dtype_name, machine_epsilon, shape
 from ._operator import CurvatureOperator
 
-HostProduct = Callable[..., np.ndarray]
-"""``apply(rows, out=None)``: ``rows (k, n) float64 -> (A rows^T)^T (k, m) float64``."""
-
 RandomVector = Callable[[], np.ndarray]
-"""A fresh standard normal vector of length ``n`` (float64) at each call."""
+"""A fresh standard normal vector of length ``n`` (float64, on the host) at each call."""
 
 _INITIAL_ROWS = 32
-"""Rows a basis holds before it first grows (it doubles after that)."""
+"""Rows a writable basis buffer holds before it first grows (it doubles after that)."""
+
+_BLOCK_ROWS = 8
+"""Rows per block of a basis of immutable arrays (JAX, TensorFlow) before the block is frozen."""
 
 _REPEAT_BELOW = 1e-3
 """Gram-Schmidt runs a second pass when a vector keeps less than this fraction of its norm."""
 
 
-def host_product(op: CurvatureOperator) -> HostProduct:
-    """Products of ``op`` with the rows of a float64 NumPy matrix, answered in float64.
+# ----------------------------------------------------------------------
+# Arrays on the device: dtype, transfers, products
+# ----------------------------------------------------------------------
+def accumulation_dtype(xp: Namespace, like: Array) -> Any:
+    """The dtype the Krylov code accumulates in on the device of ``like``: float64 if it has it, else float32.
 
-    Goes through ``op._matmat_rows``, so an operator's cached graphs or
-    compiled functions are reused by every call.  ``apply(rows, out)`` writes
-    the answer into ``out`` when given (no new host array per step).
+    Found by trying: one entry of ``like`` is cast to float64 and the dtype
+    that comes out is looked at.  JAX without ``jax_enable_x64`` silently
+    answers float32 (and warns, which is silenced here); Apple's MPS raises.
     """
-    b, like = op.backend, op.cols.w
+    probe = xp.reshape(like, (-1,))[:1]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            wide = xp.astype(probe, xp.float64)
+        if dtype_name(wide) == "float64":
+            return xp.float64
+    except Exception:  # a device without float64 refuses the cast (MPS: TypeError); anything else means the same
+        pass
+    return xp.float32
 
-    def apply(rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        product = b.to_numpy(op._matmat_rows(b.asarray(np.ascontiguousarray(rows), like)))
-        if out is None:
-            return np.asarray(product, dtype=np.float64)
-        np.copyto(out, product)
+
+class Device:
+    """Vectors on one device in the accumulation dtype: the namespace, sends to it and reads from it.
+
+    Parameters
+    ----------
+    xp : namespace
+        The array-API namespace of the arrays.
+    like : Array
+        An array on the device, in the accumulation dtype (one entry is enough).
+    read : callable
+        ``read(x) -> ndarray``: an array copied to the host (the backend's ``to_numpy``).
+    send : callable
+        ``send(a) -> Array``: NumPy data on the device, floats in the dtype of ``like``.
+    """
+
+    def __init__(self, xp: Namespace, like: Array, read: Callable[[Array], Any], send: Callable[[np.ndarray], Array]):
+        self.xp = xp
+        self.like = like
+        self.dtype = like.dtype
+        self.eps = machine_epsilon(like)
+        self._read = read
+        self._send = send
+        self.writable = _is_writable(xp, like)
+
+    @classmethod
+    def of(cls, backend: Any, w: Array) -> Device:
+        """The device of the parameters ``w``, in the accumulation dtype of that device."""
+        xp = backend.xp
+        like = xp.astype(xp.reshape(w, (-1,))[:1], accumulation_dtype(xp, w))
+        return cls(xp, like, backend.to_numpy, lambda a: backend.asarray(a, like))
+
+    @classmethod
+    def numpy(cls) -> Device:
+        """Host NumPy arrays in float64 (the sketch algebra on NumPy inputs)."""
+        import array_api_compat.numpy as xp
+
+        return cls(xp, np.zeros(1), np.asarray, lambda a: np.asarray(a, dtype=np.float64))
+
+    def read(self, *arrays: Array) -> list[np.ndarray]:
+        """Copy small arrays to the host in one transfer, as float64 arrays of their own shapes."""
+        xp = self.xp
+        shapes = [shape(a) for a in arrays]
+        flat = arrays[0] if len(arrays) == 1 else xp.concat([xp.reshape(a, (-1,)) for a in arrays])
+        host = np.asarray(self._read(flat), dtype=np.float64).reshape(-1)
+        out, start = [], 0
+        for dims in shapes:
+            size = int(np.prod(dims, dtype=np.int64))
+            out.append(host[start : start + size].reshape(dims))
+            start += size
         return out
 
-    return apply
+    def send(self, a: np.ndarray) -> Array:
+        """Host data on the device, in the accumulation dtype."""
+        return self._send(np.ascontiguousarray(a, dtype=np.float64))
+
+    def zeros(self, dims: tuple[int, ...]) -> Array:
+        """A zero array on the device (for the buffers of writable arrays)."""
+        device = getattr(self.like, "device", None)
+        if device is None:
+            return self.xp.zeros(dims, dtype=self.dtype)
+        return self.xp.zeros(dims, dtype=self.dtype, device=device)
 
 
-def product_precision(op: CurvatureOperator) -> float:
-    """Machine epsilon of the dtype the products of ``op`` are computed in."""
-    return machine_epsilon(op.cols.w)
+def _is_writable(xp: Namespace, like: Array) -> bool:
+    """Whether arrays of this namespace take item assignment (PyTorch, NumPy); JAX and TensorFlow refuse it."""
+    probe = xp.zeros_like(like)
+    try:
+        probe[0:1] = like
+    except (TypeError, ValueError, NotImplementedError, AttributeError):
+        return False
+    return True
 
 
+class DeviceOperator:
+    """Products of a curvature operator with vectors of the accumulation dtype, on the parameters' device.
+
+    A block of rows is rounded to the product dtype, goes through
+    ``op._matmat_rows`` once (so that the operator's cached graphs and
+    compiled functions serve every step) and comes back in the accumulation
+    dtype, without leaving the device.
+
+    Attributes
+    ----------
+    device : Device
+        The vectors' device and accumulation dtype.
+    eps_product : float
+        Machine epsilon of the products' dtype.
+    eps : float
+        The larger of ``eps_product`` and the accumulation dtype's: the
+        relative precision anything computed from products can have.
+    """
+
+    def __init__(self, op: CurvatureOperator) -> None:
+        self.op = op
+        self.backend = op.backend
+        self.xp = op.backend.xp
+        self.device = Device.of(op.backend, op.cols.w)
+        self.product_dtype = op.cols.w.dtype
+        self.eps_product = machine_epsilon(op.cols.w)
+        self.eps = max(self.eps_product, self.device.eps)
+        self._same_dtype = dtype_name(op.cols.w) == dtype_name(self.device.like)
+
+    def __call__(self, rows: Array) -> Array:
+        """``(A rowsᵀ)ᵀ`` for ``rows`` of shape ``(k, n)`` in the accumulation dtype; answered in it."""
+        if self._same_dtype:
+            return self.op._matmat_rows(rows)  # v → Av
+        xp = self.xp
+        down = xp.astype(rows, self.product_dtype)  # v → v in the products' dtype
+        return xp.astype(self.op._matmat_rows(down), self.device.dtype)  # → Av → Av in the accumulation dtype
+
+    def to_product_dtype(self, x: Array) -> Array:
+        """``x`` in the parameters' dtype (what the user gets back)."""
+        return x if self._same_dtype else self.xp.astype(x, self.product_dtype)
+
+
+# ----------------------------------------------------------------------
+# Small host-side helpers
+# ----------------------------------------------------------------------
 def tridiagonal(alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
     """The dense symmetric tridiagonal matrix with diagonal ``alpha`` and off-diagonal ``beta``."""
     T = np.diag(np.asarray(alpha, dtype=np.float64))
@@ -70,71 +207,129 @@ def wanted_indices(values: np.ndarray, k: int, which: str) -> np.ndarray:
     return np.argsort(-key, kind="stable")[:k]
 
 
-def _unit(v: np.ndarray) -> np.ndarray:
-    return v / np.linalg.norm(v)
+# ----------------------------------------------------------------------
+# Orthonormal rows on the device
+# ----------------------------------------------------------------------
+class Rows:
+    """Orthonormal rows on the device, in the accumulation dtype, with classical Gram-Schmidt against them.
 
+    The rows are vectors of length ``n``, possibly several independent sets
+    at once (a leading batch shape: one basis per starting vector in
+    Lanczos quadrature).  They are kept as a few arrays of shape
+    ``(*batch, rows, n)``:
 
-class _Basis:
-    """Orthonormal rows kept in one float64 array that doubles when full.
+    * writable arrays (PyTorch, NumPy) fill one preallocated buffer in
+      place, which doubles when full: a step copies nothing;
+    * immutable arrays (JAX, TensorFlow) grow a tail block by concatenation
+      up to :data:`_BLOCK_ROWS` rows, then freeze it, merging frozen blocks
+      of equal size: a step copies at most a block, a row is copied
+      ``log₂(m / _BLOCK_ROWS)`` times in all, and there are that many blocks.
 
-    New rows are written in place (:meth:`next_row`, then :meth:`push`) and
-    every update works in preallocated buffers: a step allocates no array of
-    length ``n``.
+    Vectors handled against the basis are shaped ``(*batch, 1, n)``.
     """
 
-    def __init__(self, n: int, capacity: int) -> None:
-        self._data = np.empty((max(1, min(capacity, n)), n))
-        self._work = np.empty(n)
+    def __init__(self, device: Device, batch: tuple[int, ...], n: int, capacity: int) -> None:
+        self.device = device
+        self.batch = batch
+        self.n = n
         self.size = 0
+        self._buffer: Array | None = None
+        self._capacity = max(1, min(capacity, n))
+        self._frozen: list[Array] = []
+        self._tail: Array | None = None
 
-    @property
-    def rows(self) -> np.ndarray:
-        return self._data[: self.size]
+    # -------------------------------------------------------------- storage
+    def parts(self) -> list[Array]:
+        """The rows, in order, as a list of ``(*batch, rows, n)`` arrays (no copy)."""
+        if self.device.writable:
+            return [self._buffer[..., : self.size, :]] if self.size else []
+        return self._frozen + ([self._tail] if self._tail is not None else [])
 
-    def next_row(self) -> np.ndarray:
-        """The storage of the next row, to be filled before :meth:`push`."""
-        if self.size == self._data.shape[0]:
-            grown = np.empty((2 * self.size, self._data.shape[1]))
-            grown[: self.size] = self._data[: self.size]
-            self._data = grown
-        return self._data[self.size]
-
-    def push(self) -> None:
+    def append(self, row: Array) -> None:
+        """Add one row per batch entry: ``row`` has shape ``(*batch, 1, n)``."""
+        if self.device.writable:
+            if self._buffer is None:
+                self._buffer = self.device.zeros((*self.batch, self._capacity, self.n))
+            elif self.size == shape(self._buffer)[-2]:
+                grown = self.device.zeros((*self.batch, 2 * self.size, self.n))
+                grown[..., : self.size, :] = self._buffer
+                self._buffer = grown
+            self._buffer[..., self.size : self.size + 1, :] = row
+        else:
+            xp = self.device.xp
+            self._tail = row if self._tail is None else xp.concat([self._tail, row], axis=-2)
+            if shape(self._tail)[-2] == _BLOCK_ROWS:
+                self._frozen.append(self._tail)
+                self._tail = None
+                # Binary-counter merging: blocks of equal size become one, so blocks stay few.
+                while len(self._frozen) > 1 and shape(self._frozen[-1])[-2] == shape(self._frozen[-2])[-2]:
+                    last = self._frozen.pop()
+                    self._frozen[-1] = xp.concat([self._frozen[-1], last], axis=-2)
         self.size += 1
 
-    def orthogonalize(self, w: np.ndarray) -> tuple[np.ndarray, float, float]:
-        """Remove from ``w``, in place, its projection on the basis, by classical Gram-Schmidt.
+    def combine(self, coefs: np.ndarray) -> Array:
+        """``C Q`` for host coefficients ``C`` of shape ``(k, size)`` (no batch): shape ``(k, n)``."""
+        xp, total, start = self.device.xp, None, 0
+        for part in self.parts():
+            stop = start + shape(part)[-2]
+            term = xp.matmul(self.device.send(coefs[:, start:stop]), part)
+            total = term if total is None else total + term
+            start = stop
+        return total
 
-        Returns the coefficients ``Qᵀw`` (both passes together) and the norm
-        of ``w`` before and after.  A pass leaves ``w`` orthogonal to the
-        basis up to about ``ε · ‖w_before‖ / ‖w_after‖``; a second pass runs
-        when that ratio exceeds ``1 / _REPEAT_BELOW`` (the criterion of
-        Daniel, Gragg, Kaufman and Stewart 1976, with a threshold that keeps
-        the basis orthonormal to ~1e-13).
+    # -------------------------------------------------------------- Gram-Schmidt
+    def _pass(self, w: Array) -> tuple[Array, Array, Array]:
+        """One classical Gram-Schmidt pass: ``w − QQᵀw``, the coefficient on the newest row and ``‖Qᵀw‖²``."""
+        xp, batch, n = self.device.xp, self.batch, self.n
+        column = xp.reshape(w, (*batch, n, 1))
+        coefs = [xp.matmul(part, column) for part in self.parts()]  # w → Qᵀw, block by block
+        for part, c in zip(self.parts(), coefs):
+            w = w - xp.matmul(xp.reshape(c, (*batch, 1, shape(c)[-2])), part)  # → w − Q Qᵀw
+        removed = sum(xp.sum(c * c, axis=(-2, -1)) for c in coefs)
+        return w, coefs[-1][..., -1, 0], removed
+
+    def orthogonalize(
+        self, w: Array, active: np.ndarray | None = None
+    ) -> tuple[Array, np.ndarray, np.ndarray, np.ndarray]:
+        """``w`` minus its projection on the rows, by classical Gram-Schmidt, once or twice.
+
+        Returns the new ``w``, the coefficient on the newest row (both passes
+        together) and the norms of ``w`` before and after, as host float64
+        arrays of the batch shape: one transfer of three scalars per batch
+        entry and pass.  The norm before is ``√(‖w_after‖² + ‖Qᵀw‖²)``
+        (Pythagoras, as ``Q`` is orthonormal), which saves a pass over ``w``.
+        A pass leaves ``w`` orthogonal to the rows up to about
+        ``ε · ‖w_before‖ / ‖w_after‖``; a second pass runs when that ratio
+        exceeds ``1 / _REPEAT_BELOW`` (the criterion of Daniel, Gragg, Kaufman
+        and Stewart 1976, with a threshold that keeps the basis orthonormal to
+        a few ε) for any entry of the batch that is ``active`` (all when ``None``).
         """
-        Q = self.rows
-        before = norm = float(np.linalg.norm(w))
-        total = np.zeros(self.size)
-        for _ in range(2):
-            coefs = Q @ w
-            np.matmul(coefs, Q, out=self._work)
-            w -= self._work
-            total += coefs
-            reduced = float(np.linalg.norm(w))
-            if reduced > _REPEAT_BELOW * norm:
-                break
-            norm = reduced
-        return total, before, reduced
+        xp = self.device.xp
+        w, last_d, removed_d = self._pass(w)
+        after2, removed, last = self.device.read(xp.vecdot(w, w), removed_d, last_d)
+        after2 = after2.reshape(self.batch)
+        after, before = np.sqrt(after2), np.sqrt(after2 + removed.reshape(self.batch))
+        needs = after <= _REPEAT_BELOW * before
+        if np.any(needs if active is None else needs & active):
+            w, last2_d, _ = self._pass(w)
+            after2, last2 = self.device.read(xp.vecdot(w, w), last2_d)
+            after, last = np.sqrt(after2.reshape(self.batch)), last + last2
+        return w, last, before, after
 
 
-def _fresh_direction(basis: _Basis, draw: RandomVector) -> np.ndarray | None:
-    """A random unit vector orthogonal to the basis, or ``None`` when none is left."""
-    n = basis.rows.shape[1]
+def _fresh_direction(basis: Rows, draw: RandomVector) -> Array | None:
+    """A random unit row ``(1, n)`` orthogonal to the basis, or ``None`` when none is left.
+
+    A random vector keeps a fraction of about ``√((n − m) / n)`` of its norm
+    off an ``m``-dimensional basis; one that keeps less than the square
+    root of the accumulation epsilon is rounding, not a direction.
+    """
+    keep = float(np.sqrt(basis.device.eps))
     for _ in range(3):
-        w = draw()
-        _, _, norm = basis.orthogonalize(w)
-        if norm > 1e-8 * np.sqrt(n):
-            return w / norm
+        w = basis.device.send(draw()[None, :])
+        w, _, before, after = basis.orthogonalize(w)
+        if float(after) > keep * float(before):
+            return w / float(after)
     return None
 
 
@@ -152,9 +347,10 @@ class LanczosResult:
     vectors : ndarray, shape (m, m)
         Eigenvectors of the tridiagonal matrix (columns).
     residuals : ndarray, shape (m,)
-        ``β_m |e_mᵀ y_i|``: the norm of ``A x_i - θ_i x_i`` for each Ritz pair.
-    basis : ndarray, shape (m, n)
-        The Lanczos vectors (rows).
+        Bounds on ``‖A x_i - θ_i x_i‖`` for each Ritz pair (``β_m |e_mᵀ y_i|``,
+        0 where the Krylov space was found invariant).
+    basis : Rows
+        The Lanczos vectors, on the device (``basis.combine(Y)`` gives Ritz vectors).
     converged : bool
         Whether the wanted values met the tolerance (or the space was exhausted).
     """
@@ -162,12 +358,12 @@ class LanczosResult:
     values: np.ndarray
     vectors: np.ndarray
     residuals: np.ndarray
-    basis: np.ndarray
+    basis: Rows
     converged: bool
 
 
 def lanczos_extreme(
-    apply: HostProduct,
+    apply: DeviceOperator,
     n: int,
     k: int,
     which: str,
@@ -175,71 +371,85 @@ def lanczos_extreme(
     tol: float,
     breakdown: float,
     draw: RandomVector,
+    resolution: float = 0.0,
 ) -> LanczosResult:
     """Lanczos on a symmetric ``n × n`` operator until ``k`` wanted Ritz values converge.
 
     A Ritz pair ``(θ_i, x_i)`` has converged when ``β_m |e_mᵀ y_i| ≤ tol · s``,
     with ``s`` the largest of ``|θ|`` and the norms ``‖A q_j‖`` seen so far.
+    That estimate keeps shrinking below the rounding of the products, which
+    the true residual cannot: a ``tol`` below ``resolution`` (the relative
+    residual the products resolve) is never reported as met, and the run
+    goes on to ``max_steps``.
 
-    When the residual ``β`` falls below ``breakdown · s`` the Krylov space is
-    taken as invariant and every Ritz pair found so far as exact.  The basis
-    is then extended with a random vector orthogonal to it, the tridiagonal
-    matrix decouples there (``β = 0``), and the recurrence goes on in the
-    complement, where further copies of repeated eigenvalues live.  From
-    then on the run ends when the current block cannot change the ``k``
-    wanted values (see :func:`_later_block_done`).
+    When the residual ``β`` falls below ``breakdown · s`` the recurrence
+    cannot go on: the basis is extended with a random vector orthogonal to
+    it, the tridiagonal matrix decouples there (``β = 0``), and the
+    recurrence goes on in the complement, where further copies of repeated
+    eigenvalues live.  The Krylov space is taken as invariant, and its Ritz
+    pairs as exact, only when ``β ≤ tol · s`` as well: a ``breakdown`` above
+    ``tol`` (the products cannot resolve ``tol``) never certifies a
+    tolerance the residual does not meet.  After a breakdown the run ends
+    when the current block cannot change the ``k`` wanted values (see
+    :func:`_later_block_done`).
+
+    Each step is one product, one or two Gram-Schmidt passes on the device
+    and one host read of three scalars per pass.
     """
-    basis = _Basis(n, min(max_steps, _INITIAL_ROWS))
-    q = basis.next_row()
-    q[:] = _unit(draw())
-    basis.push()
-    w = np.empty(n)
+    device = apply.device
+    basis = Rows(device, (), n, min(max_steps, _INITIAL_ROWS))
+    start = draw()
+    q = device.send(start[None, :] / np.linalg.norm(start))
+    basis.append(q)
     alpha: list[float] = []
     beta: list[float] = []
     scale = 0.0
     block_start = 0  # first index of the current invariant-subspace block
+    reachable = tol >= resolution
     while True:
-        apply(q[None, :], out=w[None, :])  # v → Av
-        # Minus its projection on every Lanczos vector: the last two coefficients are the
-        # recurrence's α_j (and β_{j-1}); the others are rounding that full reorthogonalization removes.
-        coefs, norm_aq, b = basis.orthogonalize(w)
-        scale = max(scale, norm_aq)
-        alpha.append(float(coefs[-1]))
+        w = apply(q)  # v → Av
+        # Minus its projection on every Lanczos vector: the last coefficient is the recurrence's α_j
+        # (β_{j-1} is among the others); the rest is rounding that full reorthogonalization removes.
+        w, last, norm_aq, b = basis.orthogonalize(w)
+        b = float(b)
+        scale = max(scale, float(norm_aq))
+        alpha.append(float(last))
         m = basis.size
         exhausted = m == n
         broke = b <= breakdown * scale
-        last = exhausted or m >= max_steps
-        if broke or last or (m >= k and _check_now(m)):
+        last_step = exhausted or m >= max_steps
+        if broke or last_step or (m >= k and _check_now(m)):
             values, vectors = np.linalg.eigh(tridiagonal(np.array(alpha), np.array(beta)))
-            residuals = (0.0 if broke or exhausted else b) * np.abs(vectors[-1, :])
-            idx = wanted_indices(values, k, which)
             scale = max(scale, float(np.max(np.abs(values))))
-            if exhausted:
+            exact = exhausted or (broke and b <= tol * scale)
+            residuals = (0.0 if exact else b) * np.abs(vectors[-1, :])
+            idx = wanted_indices(values, k, which)
+            if not reachable:
+                converged = False
+            elif exhausted:
                 converged = True
             elif block_start == 0:
                 # Standard Lanczos: the wanted Ritz pairs are accurate.  A first breakdown
                 # goes on instead, to look for further copies of the eigenvalues found.
                 converged = not broke and len(idx) == k and bool(np.all(residuals[idx] <= tol * scale))
             else:
-                converged = _later_block_done(alpha, beta, block_start, b, broke, values[idx], k, which, tol * scale)
-            if converged or last:
+                converged = _later_block_done(alpha, beta, block_start, b, exact, values[idx], k, which, tol * scale)
+            if converged or last_step:
                 break
         if broke:
             fresh = _fresh_direction(basis, draw)
             if fresh is None:  # rounding made the basis span everything already
                 values, vectors = np.linalg.eigh(tridiagonal(np.array(alpha), np.array(beta)))
-                residuals, converged = np.zeros(m), True
+                residuals, converged = np.zeros(m), reachable
                 break
             block_start = m
             beta.append(0.0)
-            q = basis.next_row()
-            q[:] = fresh
+            q = fresh
         else:
             beta.append(b)
-            q = basis.next_row()
-            np.divide(w, b, out=q)
-        basis.push()
-    return LanczosResult(values, vectors, residuals, basis.rows, converged)
+            q = w / b
+        basis.append(q)
+    return LanczosResult(values, vectors, residuals, basis, converged)
 
 
 def _later_block_done(
@@ -247,7 +457,7 @@ def _later_block_done(
     beta: list[float],
     block_start: int,
     b: float,
-    broke: bool,
+    exact: bool,
     wanted: np.ndarray,
     k: int,
     which: str,
@@ -259,14 +469,14 @@ def _later_block_done(
     exact.  The run ends when the current block cannot change the ``k``
     wanted values: they are those of the earlier blocks, and the current
     block's extreme Ritz values (which bound every value it could still
-    find) have converged (or the block is itself exact, after a breakdown).
+    find) have converged (or the block is itself ``exact``, after a breakdown).
     """
     T = tridiagonal(np.array(alpha), np.array(beta))
     before = np.linalg.eigvalsh(T[:block_start, :block_start])
     kept = before[wanted_indices(before, k, which)]
     if len(kept) < k or not np.allclose(kept, wanted, rtol=0, atol=atol):
         return False
-    if broke:
+    if exact:
         return True
     values, vectors = np.linalg.eigh(T[block_start:, block_start:])
     extremes = [int(np.argmax(values))] if which == "largest" else [int(np.argmax(values)), int(np.argmin(values))]
@@ -282,13 +492,14 @@ def _check_now(m: int) -> bool:
 # Lanczos quadrature: several starting vectors at once, fixed number of steps
 # ----------------------------------------------------------------------
 def lanczos_quadrature(
-    apply: HostProduct, starts: np.ndarray, num_steps: int, breakdown: float
+    apply: DeviceOperator, starts: np.ndarray, num_steps: int, breakdown: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Gauss quadrature nodes and weights of ``vᵀ f(A) v`` for each starting row ``v``.
 
     All starting vectors advance together, one batched product per step; each
-    has its own basis and is fully reorthogonalized against it.  When a
-    start's Krylov space becomes invariant after ``m < num_steps`` steps its
+    has its own basis and is fully reorthogonalized against it, all on the
+    device (the starts, drawn on the host, are sent once).  When a start's
+    Krylov space becomes invariant after ``m < num_steps`` steps its
     ``m``-point rule is already exact: it stops there (its row still rides
     along in the batched product, so the product keeps one shape), and the
     remaining entries repeat its last node with weight 0.
@@ -300,22 +511,21 @@ def lanczos_quadrature(
         first components of its eigenvectors, times ``‖v‖²``; each row of
         ``weights`` sums to ``‖v‖²``.
     """
+    device, xp = apply.device, apply.xp
     p, n = starts.shape
     norms = np.linalg.norm(starts, axis=1)
-    # The Krylov bases, step-major: the vectors of step j (one per start) are one contiguous block.
-    bases = np.empty((num_steps, p, n))
+    bases = Rows(device, (p,), n, num_steps)
     alpha = np.zeros((p, num_steps))
     beta = np.zeros((p, num_steps))
     steps = np.zeros(p, dtype=int)
     active = np.ones(p, dtype=bool)
     scale = np.zeros(p)
-    W, work = np.empty((p, n)), np.empty((p, n))
-    bases[0] = starts / norms[:, None]
+    Q = device.send(starts / norms[:, None])  # (p, n): one transfer for all starts
     for j in range(num_steps):
-        Q = bases[j]
-        apply(Q, out=W)  # v → Av for every start at once
+        bases.append(xp.reshape(Q, (p, 1, n)))
+        W = xp.reshape(apply(Q), (p, 1, n))  # v → Av for every start at once
         # Minus each start's projection on its own Lanczos vectors (the last coefficient is α_j).
-        a, norm_aq, b = _orthogonalize_each(bases[: j + 1].swapaxes(0, 1), W, work, active)
+        W, a, norm_aq, b = bases.orthogonalize(W, active)
         scale = np.maximum(scale, norm_aq)
         alpha[active, j] = a[active]
         steps[active] = j + 1
@@ -323,10 +533,9 @@ def lanczos_quadrature(
         if j + 1 == num_steps or not active.any():
             break
         beta[active, j] = b[active]
-        following = bases[j + 1]
-        np.divide(W, np.where(active, b, 1.0)[:, None], out=following)
-        # A start that stopped keeps its last vector, only to hold the product's shape.
-        following[~active] = Q[~active]
+        # Next vectors w / β; a start that stopped keeps its last vector, only to hold the product's shape.
+        factors = device.send(np.stack([np.where(active, 1.0 / np.where(active, b, 1.0), 0.0), ~active * 1.0]))
+        Q = xp.reshape(W, (p, n)) * xp.reshape(factors[0], (p, 1)) + Q * xp.reshape(factors[1], (p, 1))
     nodes = np.zeros((p, num_steps))
     weights = np.zeros((p, num_steps))
     for i in range(p):
@@ -337,40 +546,12 @@ def lanczos_quadrature(
     return nodes, weights
 
 
-def _orthogonalize_each(
-    bases: np.ndarray, W: np.ndarray, work: np.ndarray, active: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Row ``i`` of ``W`` minus, in place, its projection on ``bases[i]``, by classical Gram-Schmidt.
-
-    As :meth:`_Basis.orthogonalize`, for every start at once; returns each
-    row's coefficient on its last basis vector and its norms before and
-    after.  Rows of starts that stopped do not ask for a second pass.
-    """
-    before = norm = _row_norms(W)
-    last = np.zeros(W.shape[0])
-    for _ in range(2):
-        coefs = np.matmul(bases, W[:, :, None])  # (p, m, 1)
-        np.matmul(np.swapaxes(coefs, 1, 2), bases, out=work[:, None, :])
-        W -= work
-        last += coefs[:, -1, 0]
-        reduced = _row_norms(W)
-        if np.all(reduced[active] > _REPEAT_BELOW * norm[active]):
-            break
-        norm = reduced
-    return last, before, reduced
-
-
-def _row_norms(W: np.ndarray) -> np.ndarray:
-    """Euclidean norm of each row, without a temporary the size of ``W``."""
-    return np.sqrt(np.einsum("ij,ij->i", W, W))
-
-
 # ----------------------------------------------------------------------
 # Power iteration with deflation
 # ----------------------------------------------------------------------
 def power_iteration(
-    apply: HostProduct, n: int, k: int, which: str, max_steps: int, tol: float, draw: RandomVector
-) -> tuple[np.ndarray, np.ndarray, bool]:
+    apply: DeviceOperator, n: int, k: int, which: str, max_steps: int, tol: float, draw: RandomVector
+) -> tuple[np.ndarray, Array, bool]:
     """The ``k`` wanted eigenpairs by power iteration, deflating found vectors by projection.
 
     Each pair is iterated until ``‖A x - θ x‖ ≤ tol · s``, with ``s`` the
@@ -378,53 +559,66 @@ def power_iteration(
     products per pair, in the complement of the vectors found before.  Plain
     power iteration finds the largest magnitudes; for the largest algebraic
     values the operator is shifted by ``s``, which makes every eigenvalue of
-    ``A + sI`` non-negative and orders them as ``A``'s.
+    ``A + sI`` non-negative and orders them as ``A``'s.  The iterates stay on
+    the device; each step reads ``θ``, the residual and a norm.
 
     Returns
     -------
     values : ndarray, shape (k,)
-    vectors : ndarray, shape (n, k)
+    vectors : Array, shape (k, n)
+        The eigenvectors as rows, on the device, in the accumulation dtype.
     converged : bool
     """
-    found = np.zeros((0, n))
+    device, xp = apply.device, apply.xp
+    found: Array | None = None
     values: list[float] = []
     converged = True
 
-    def deflated(v: np.ndarray) -> np.ndarray:
-        return v - (found @ v) @ found if len(found) else v
+    def deflated(v: Array) -> Array:
+        if found is None:
+            return v
+        c = xp.matmul(found, xp.reshape(v, (n, 1)))  # v → F v, the coefficients on the found vectors
+        return v - xp.matmul(xp.reshape(c, (1, shape(found)[0])), found)  # → v − Fᵀ F v
 
-    def one_pair(shift: float, scale: float) -> tuple[float, np.ndarray]:
+    def unit(v: Array) -> Array:
+        (squared,) = device.read(xp.vecdot(v, v))
+        return v / float(np.sqrt(squared[0]))
+
+    def one_pair(shift: float, scale: float) -> tuple[float, Array]:
         nonlocal converged
-        x = _unit(deflated(draw()))
+        x = unit(deflated(device.send(draw()[None, :])))
         theta = 0.0
         for _ in range(max_steps):
-            y = deflated(apply(x[None, :])[0] + shift * x)
-            theta = float(x @ y)
-            residual = float(np.linalg.norm(y - theta * x))
+            y = apply(x)  # x → Ax
+            y = deflated(y + shift * x if shift else y)  # → (A + sI) x, off the found vectors
+            theta_d = xp.vecdot(x, y)  # θ = xᵀ(A + sI)x, shape (1,)
+            r = y - xp.reshape(theta_d, (1, 1)) * x  # the residual, measured directly (no cancellation)
+            theta, residual2, norm2 = (float(v[0]) for v in device.read(theta_d, xp.vecdot(r, r), xp.vecdot(y, y)))
+            residual, norm = float(np.sqrt(residual2)), float(np.sqrt(norm2))
             if residual <= tol * (scale or abs(theta)):
                 return theta - shift, x
-            norm = float(np.linalg.norm(y))
             if norm == 0.0:  # x lies in the null space of the deflated operator: θ = 0 exactly
                 return theta - shift, x
             x = y / norm
         converged = False
         return theta - shift, x
 
-    def keep(x: np.ndarray) -> np.ndarray:
+    def keep(x: Array) -> Array:
         # Orthonormal against the found vectors even when a pair stopped short of convergence.
-        return _unit(deflated(deflated(x)))
+        x = unit(deflated(deflated(x)))
+        return x if found is None else xp.concat([found, x], axis=0)
 
     dominant, x = one_pair(0.0, 0.0)
     scale = abs(dominant)
     shift = 0.0
     if which == "magnitude" or dominant >= 0.0:
         # The dominant eigenvalue is also the largest one unless it is negative.
-        found = keep(x)[None, :]
+        found = keep(x)
         values.append(dominant)
     if which == "largest":
         shift = scale
     while len(values) < k:
         value, x = one_pair(shift, scale)
-        found = np.concatenate([found, keep(x)[None, :]])
+        found = keep(x)
         values.append(value)
-    return np.array(values), found.T, converged
+    return np.array(values), found, converged

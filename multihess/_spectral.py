@@ -10,15 +10,10 @@ from typing import Any
 
 import numpy as np
 
+from ._arrays import dtype_name
 from ._backend import Array
-from ._lanczos import (
-    host_product,
-    lanczos_extreme,
-    lanczos_quadrature,
-    power_iteration,
-    product_precision,
-    wanted_indices,
-)
+from ._checks import check_choice, check_count, check_operator, check_positive, make_rng
+from ._lanczos import DeviceOperator, lanczos_extreme, lanczos_quadrature, power_iteration, wanted_indices
 from ._operator import CurvatureOperator
 from ._probes import draw_probes, probe_order
 
@@ -29,57 +24,12 @@ _POWER_STEPS = 1000
 _LANCZOS_STEPS = 300
 """Default cap on Lanczos steps (raised to ``3k`` for large ``k``, lowered to ``n``)."""
 _GRID_POINTS = 512
+_RESOLUTION = 10.0
+"""Relative residuals below this many ε of the products cannot be told from their rounding.
 
-
-# ----------------------------------------------------------------------
-# Argument checks shared by the spectral functions and the norm estimators
-# ----------------------------------------------------------------------
-def check_operator(op: Any, what: str, symmetric: bool = True) -> CurvatureOperator:
-    """``op`` as a curvature operator (a symmetric one when ``symmetric``), or a clear error."""
-    if not isinstance(op, CurvatureOperator):
-        raise TypeError(
-            f"{what} expects a curvature operator such as mh.hessian(...) or mh.ggn(...), got {type(op).__name__}"
-        )
-    if symmetric and not op.is_symmetric:
-        raise ValueError(
-            f"{what} needs a symmetric operator, but this one is a cross block of shape {op.shape} "
-            "(rows and columns are different parameters); build it without col_params="
-        )
-    return op
-
-
-def check_count(value: Any, name: str, minimum: int = 1) -> int:
-    """An integer argument of at least ``minimum``, or a clear error."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int (at least {minimum}), got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value}")
-    return int(value)
-
-
-def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
-    """One of ``choices``, or a clear error listing them."""
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"unknown {name}={value!r}; choose one of {', '.join(map(repr, choices))}")
-    return value
-
-
-def check_positive(value: Any, name: str) -> float:
-    """A positive finite number, or a clear error."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not np.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value}")
-    return float(value)
-
-
-def make_rng(seed: Any) -> np.random.Generator:
-    """``numpy.random.default_rng(seed)`` for an int seed (or ``None``), or a clear error."""
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
-        raise TypeError(f"seed must be an int (or None for fresh randomness), got {type(seed).__name__}")
-    if seed is not None and seed < 0:
-        raise ValueError(f"seed must be non-negative, got {seed}")
-    return np.random.default_rng(seed)
+The float16 products of a small tanh MLP's Hessian are off by about 0.5 ε ‖A‖ (see
+``tests/test_device_linalg.py``); a tolerance below ``10 ε`` is never reported as met.
+"""
 
 
 def random_vectors(op: CurvatureOperator, seed: Any) -> Callable[[int, str], np.ndarray]:
@@ -134,8 +84,10 @@ def eigvalsh(
         largest Ritz value in magnitude).  An eigenvalue is then accurate to
         about ``min(tol · s, tol² · s / gap)``, with ``gap`` its distance to
         the rest of the spectrum, and never better than the precision of the
-        products.  Default: the square root of the machine epsilon of the
-        products' dtype (1.5e-8 in float64, 3.5e-4 in float32).
+        products.  Default: the square root of the machine epsilon ``ε`` of
+        the products' dtype (1.5e-8 in float64, 3.5e-4 in float32, 0.031 in
+        float16), or of the accumulation dtype where that is coarser.  A
+        ``tol`` below ``10 ε``, which rounding hides, is never reported as met.
     seed : int or None
         Seed of ``numpy.random.default_rng`` for the starting vectors, drawn
         by parameter name: one seed gives the same numbers in every framework.
@@ -162,10 +114,13 @@ def eigvalsh(
 
     Notes
     -----
-    Each step is one product ``op._matmat_rows`` with one vector, which goes
-    to the device in the operator's dtype and comes back; the Krylov basis
-    stays on the host in float64 (``8 · steps · n`` bytes) and every new
-    vector is reorthogonalized against all of it.  Lanczos from one starting
+    Everything of length ``n`` stays on the parameters' device: each step is
+    one product ``op._matmat_rows`` with one vector in the operator's dtype,
+    and the Krylov basis (``steps · n`` numbers) is kept and every new vector
+    reorthogonalized against all of it there, in float64 where the device
+    has it (float32 otherwise: JAX without ``jax_enable_x64``, Apple's MPS).
+    Per step, a few scalars come back to the host, where the small
+    tridiagonal eigenproblems are solved in float64.  Lanczos from one starting
     vector sees each distinct eigenvalue once while its Krylov space grows:
     further copies of an eigenvalue of multiplicity > 1 appear only after
     the space becomes invariant (typically for small ``n`` or low rank),
@@ -175,8 +130,13 @@ def eigvalsh(
 
     Examples
     --------
-    >>> top = mh.eigvalsh(mh.hessian(model, data=(x, y), loss="cross_entropy"), k=3)  # doctest: +SKIP
-    >>> values, vectors = mh.eigvalsh(H, k=1, return_eigenvectors=True)  # doctest: +SKIP
+    >>> H = mh.hessian(model, data=(x, y), loss="cross_entropy")
+    >>> top = mh.eigvalsh(H, k=3)
+    >>> bool(np.allclose(top, np.linalg.eigvalsh(H.dense().numpy())[::-1][:3]))
+    True
+    >>> values, vectors = mh.eigvalsh(H, k=1, return_eigenvectors=True)
+    >>> vectors.shape
+    torch.Size([67, 1])
     """
     op = check_operator(op, "eigvalsh")
     n = op.shape[0]
@@ -185,35 +145,43 @@ def eigvalsh(
         raise ValueError(f"k={k} is larger than the operator's dimension {n}; ask for at most {n} eigenvalues")
     which = check_choice(which, "which", _WHICH)
     method = check_choice(method, "method", _METHODS)
-    eps = product_precision(op)
+    apply = DeviceOperator(op)
+    # The products' precision, or the accumulation's where that is coarser (float32 without float64).
+    eps = apply.eps
     tol = float(np.sqrt(eps)) if tol is None else check_positive(tol, "tol")
     if num_iterations is not None:
         num_iterations = check_count(num_iterations, "num_iterations", minimum=k if method == "lanczos" else 1)
     draw = random_vectors(op, seed)
-    apply = host_product(op)
 
     def gaussian() -> np.ndarray:
         return draw(1, "gaussian")[0]
 
+    rows = None
     if method == "lanczos":
         default_steps = min(n, max(_LANCZOS_STEPS, 3 * k))
         max_steps = default_steps if num_iterations is None else min(num_iterations, n)
-        # A residual below this means an invariant subspace: below the tolerance asked for, yet far
-        # above the rounding of the products (at most a few hundred ε in practice).
-        breakdown = max(min(tol, float(np.sqrt(eps))), 1e3 * eps)
-        result = lanczos_extreme(apply, n, k, which, max_steps, tol, breakdown, gaussian)
+        breakdown = breakdown_threshold(tol, eps)
+        result = lanczos_extreme(apply, n, k, which, max_steps, tol, breakdown, gaussian, _RESOLUTION * eps)
         idx = wanted_indices(result.values, k, which)
         values, converged = result.values[idx], result.converged
-        vectors = result.basis.T @ result.vectors[:, idx] if return_eigenvectors else None
+        if return_eigenvectors:
+            rows = result.basis.combine(np.ascontiguousarray(result.vectors[:, idx].T))  # Ritz vectors Yᵀ Q, (k, n)
     else:
         max_steps = _POWER_STEPS if num_iterations is None else num_iterations
-        values, vectors, converged = power_iteration(apply, n, k, which, max_steps, tol, gaussian)
+        values, found, converged = power_iteration(apply, n, k, which, max_steps, tol, gaussian)
         order = wanted_indices(values, k, which)
-        values, vectors = values[order], vectors[:, order]
+        values = values[order]
+        rows = op.backend.xp.stack([found[int(i)] for i in order]) if return_eigenvectors else None
     if not converged:
         per = " per eigenvalue" if method == "power" else ""
+        below = (
+            f", which is below what {dtype_name(apply.device.like if eps > apply.eps_product else op.cols.w)} "
+            f"arithmetic resolves (about {_RESOLUTION * eps:.1g})"
+            if tol < _RESOLUTION * eps
+            else ""
+        )
         warnings.warn(
-            f"eigvalsh: {method} did not reach tol={tol:g} within {max_steps} products{per}; "
+            f"eigvalsh: {method} did not reach tol={tol:g} within {max_steps} products{per}{below}; "
             "the eigenvalues are less accurate (raise num_iterations, or tol)",
             RuntimeWarning,
             stacklevel=2,
@@ -221,7 +189,22 @@ def eigvalsh(
     values = np.asarray(values, dtype=np.float64)
     if not return_eigenvectors:
         return values
-    return values, op.backend.asarray(np.ascontiguousarray(vectors), op.cols.w)
+    # Columns in the parameters' dtype, on their device.
+    return values, apply.to_product_dtype(op.backend.xp.matrix_transpose(rows))
+
+
+def breakdown_threshold(tol: float, eps: float) -> float:
+    """The relative residual below which Lanczos takes its Krylov space as invariant.
+
+    Far enough above the rounding of the products to catch a true invariant
+    subspace (at most a few hundred ε in practice, so ``1e3 ε``, and never
+    more than ``√ε``, which is already 3 % of the norm in float16), and no
+    larger than the tolerance asked for unless that is below the rounding.
+    A breakdown above ``tol`` restarts the recurrence but certifies nothing
+    (see :func:`multihess._lanczos.lanczos_extreme`).
+    """
+    root = float(np.sqrt(eps))
+    return max(min(tol, root), min(1e3 * eps, root))
 
 
 # ----------------------------------------------------------------------
@@ -304,13 +287,15 @@ def spectral_density(
 
     Notes
     -----
-    The bases of all probes are kept on the host in float64:
-    ``8 · num_probes · num_steps · n`` bytes.
+    The bases of all probes are kept on the parameters' device, in float64
+    where it has it (``8 · num_probes · num_steps · n`` bytes); per step, a
+    few scalars per probe come back to the host.
 
     Examples
     --------
-    >>> sd = mh.spectral_density(mh.hessian(model, data=(x, y), loss="mse"), num_probes=10)  # doctest: +SKIP
-    >>> plt.semilogy(sd.grid, sd.density)  # doctest: +SKIP
+    >>> sd = mh.spectral_density(mh.hessian(model, data=(x, y), loss="cross_entropy"), num_probes=10)
+    >>> sd.grid.shape == sd.density.shape
+    True
     """
     op = check_operator(op, "spectral_density")
     n = op.shape[0]
@@ -321,8 +306,8 @@ def spectral_density(
     points = _check_grid(grid)
 
     starts = random_vectors(op, seed)(num_probes, "rademacher") / np.sqrt(n)
-    breakdown = float(np.sqrt(product_precision(op)))
-    nodes, weights = lanczos_quadrature(host_product(op), starts, num_steps, breakdown)
+    apply = DeviceOperator(op)
+    nodes, weights = lanczos_quadrature(apply, starts, num_steps, float(np.sqrt(apply.eps)))
 
     lo, hi = float(nodes.min()), float(nodes.max())
     if sigma is None:
