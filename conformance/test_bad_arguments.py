@@ -45,7 +45,7 @@ def test_num_probes(backend: str, estimate) -> None:
     for num_probes in (2.5, "10", True, np.float64(4.0)):
         with pytest.raises(TypeError, match="num_probes must be an int"):
             estimate(H, num_probes)
-    assert estimate(H, np.int64(3)).num_probes == 3  # NumPy integers are integers
+    assert estimate(H, np.int64(1)).num_probes == 1  # NumPy integers are integers
 
 
 @pytest.mark.parametrize("estimate", ESTIMATORS)

@@ -32,6 +32,11 @@ def _args(problem: Problem, **kw) -> dict:
     return {"data": problem.data, "loss": problem.loss, "backend": problem.backend, **kw}
 
 
+def _first_pass(op) -> None:
+    """One product: a pass over every batch of the operator's data."""
+    op @ op.backend.asarray(np.ones(op.shape[1]), op.rows.w)
+
+
 # ----------------------------------------------------------------------
 # Vectors passed to products
 # ----------------------------------------------------------------------
@@ -96,7 +101,8 @@ def test_nan_in_v_parameters_and_data(backend: str) -> None:
     with np.errstate(invalid="ignore"):  # a NumPy-array backend evaluates the model on inf: NaN, and a warning
         mh.hessian(problem.model, problem.weights, **_args(problem, data=data), check_finite=False)  # opting out
     with pytest.raises(ValueError, match="batch 1 of data contains NaN or inf"):
-        mh.hessian(problem.model, problem.weights, **_args(problem, data=[(x, y), data]))
+        # Data is streamed: a later batch is read, and checked, on the first pass over the data.
+        _first_pass(mh.hessian(problem.model, problem.weights, **_args(problem, data=[(x, y), data])))
     bias = problem.reference.params["layer1.bias"].copy()
     bias[0] = np.nan
     with pytest.raises(ValueError, match="parameters contain NaN"):
@@ -115,7 +121,7 @@ def test_unknown_loss_and_missing_pieces(backend: str) -> None:
         mh.hessian(model, weights, **_args(problem, loss=None))
     with pytest.raises(ValueError, match="loss= was given without data="):
         mh.hessian(model, weights, loss="mse", backend=backend)
-    with pytest.raises(ValueError, match="reduction must be one of"):
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum', got 'max'"):
         mh.hessian(model, weights, **_args(problem), reduction="max")
     scalar = make_problem("input_function", backend, "float64")
     with pytest.raises(ValueError, match="GGN needs model outputs and a loss"):
@@ -201,10 +207,12 @@ def test_bad_data_and_backend(backend: str) -> None:
     problem = _problem(backend)
     x, y = problem.data
     model, weights = problem.model, problem.weights
-    with pytest.raises(TypeError, match="not a pair"):
-        mh.hessian(model, weights, **_args(problem, data=[(x, y), x]))
+    with pytest.raises(TypeError, match="batch 1 of data is .*not a pair"):
+        _first_pass(mh.hessian(model, weights, **_args(problem, data=[(x, y), x])))
     with pytest.raises(ValueError, match="data is empty"):
-        mh.hessian(model, weights, **_args(problem, data=[]))
+        _first_pass(mh.hessian(model, weights, **_args(problem, data=[])))
+    with pytest.raises(TypeError, match="one-shot iterator"):
+        mh.hessian(model, weights, **_args(problem, data=((x, y) for _ in range(2))))
     with pytest.raises(ValueError, match="unknown backend 'mxnet'"):
         mh.hessian(model, weights, **_args(problem, backend="mxnet"))
     with pytest.raises(TypeError, match="belongs to no known backend"):
