@@ -164,11 +164,6 @@ def test_integer_parameters_and_no_parameters(backend: str) -> None:
         mh.hessian(model, {}, **_args(problem))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="multihess/_problem.py build_problem: with col_params=None, select_names(named, None) selects every "
-    "parameter, so an integer parameter left out by params= alone still raises 'exclude it with params='",
-)
 def test_integer_parameter_excluded_with_params(backend: str) -> None:
     problem = _problem(backend)
     # Excluded with params= (the fix the error message names), an integer array is a constant of the model.

@@ -390,7 +390,7 @@ def as_operator(obj: Any, what: str) -> CurvatureOperator:
         return obj
     if all(hasattr(obj, attr) for attr in ("shape", "dtype", "backend", "apply_rows")):
         return WrappedOperator(get_backend(obj.backend), obj)
-    if hasattr(obj, "shape") and hasattr(obj, "dtype") and not isinstance(obj, np.ndarray):
+    if hasattr(obj, "shape") and hasattr(obj, "dtype"):  # NumPy too: a NumPy-array framework may claim it
         try:
             backend = find_backend(None, obj, [])
         except TypeError:

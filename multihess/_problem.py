@@ -213,15 +213,15 @@ def build_problem(
             "the model has no trainable parameters (none require gradients); "
             "unfreeze some or pass the parameters explicitly"
         )
-    for name, p in named:
-        if not is_floating(backend.xp, p):
-            if params is None or name in select_names(named, params) or name in select_names(named, col_params):
-                raise TypeError(
-                    f"parameter {name!r} has dtype {dtype_name(p)}; curvature needs floating-point "
-                    "parameters (cast the model, or exclude it with params=)"
-                )
     rows = select_names(named, params)
     cols = rows if col_params is None else select_names(named, col_params)
+    for name, p in named:
+        # An integer array outside the selection is a constant of the model.
+        if (name in rows or name in cols) and not is_floating(backend.xp, p):
+            raise TypeError(
+                f"parameter {name!r} has dtype {dtype_name(p)}; curvature needs floating-point "
+                "parameters (cast the model, or exclude it with params=)"
+            )
     union = [n for n, _ in named if n in set(rows) | set(cols)]
     dtypes = {dtype_name(p) for n, p in named if n in union}
     if len(dtypes) > 1:

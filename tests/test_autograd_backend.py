@@ -28,11 +28,7 @@ TESTS = pathlib.Path(__file__).resolve().parent
 CROSS_TESTS = ("in_every_framework", "in_every_backend")
 # Conformance tests that fail for autograd because of the core, not the backend; each must fail
 # (a fixed one is reported, so that it leaves this list).
-KNOWN_CORE_GAPS = {
-    # multihess/_operator.py as_operator skips NumPy arrays before asking the dispatch, so a dense
-    # matrix of a framework whose arrays are NumPy arrays is not taken as an operator.
-    "test_operator_interface.py::test_estimators_take_a_dense_matrix_and_any_object_with_the_interface[autograd]",
-}
+KNOWN_CORE_GAPS: set[str] = set()
 
 
 @pytest.fixture
