@@ -450,13 +450,17 @@ def _root_package(module: str) -> str:
     return module.split(".", 1)[0]
 
 
+def is_keras_loss_class(cls: type) -> bool:
+    """Whether ``cls`` derives from ``keras.losses.Loss`` (found by name: Keras is not imported)."""
+    return any(c.__name__ == "Loss" and _root_package(c.__module__) in _KERAS_PACKAGES for c in cls.__mro__)
+
+
 def is_keras_loss(loss: Any) -> bool:
     """Whether ``loss`` is a Keras loss object (a subclass of ``keras.losses.Loss``) or a Keras loss function."""
     if isinstance(loss, type):
         return False
-    for cls in type(loss).__mro__:
-        if cls.__name__ == "Loss" and _root_package(cls.__module__) in _KERAS_PACKAGES:
-            return True
+    if is_keras_loss_class(type(loss)):
+        return True
     module = getattr(loss, "__module__", None) or ""
     # A function of keras.losses, such as keras.losses.categorical_crossentropy.
     return not hasattr(loss, "__mro__") and _root_package(module) in _KERAS_PACKAGES and ".losses" in module
@@ -466,39 +470,37 @@ def make_loss(loss: Any, reduction: str = "mean") -> Loss:
     """Resolve a built-in loss name, a framework loss object, or a framework-native callable.
 
     Loss objects that equal a built-in loss exactly become that loss (with an
-    analytic ``H_z``, so that exact GGN diagonals work); every other one is
-    called as its framework calls it, so the answer is right either way:
+    analytic ``H_z``, so that exact GGN diagonals work, on any framework's
+    arrays); every other one is called as its framework calls it, so the
+    answer is right either way.  Recognised exactly (the class itself, not a
+    subclass, and for PyTorch no forward hooks):
 
-    ===============================================  ===============================================
-    PyTorch (``reduction`` "mean" or "sum")           becomes
-    ===============================================  ===============================================
-    ``nn.CrossEntropyLoss()``, no ``weight``,          ``"cross_entropy"``; labels outside ``[0, C)``,
-    ``ignore_index=-100``, no label smoothing          -100 included, are refused
-    ``nn.MSELoss()``                                   ``"mse"``
-    ``nn.BCEWithLogitsLoss()``, no ``weight`` or       ``"bce_with_logits"``
-    ``pos_weight``
-    ``nn.PoissonNLLLoss(log_input=True, full=False)``  ``"poisson_nll"``
-    ===============================================  ===============================================
+    - PyTorch, reduction ``"mean"`` or ``"sum"``:
+      ``nn.CrossEntropyLoss()`` without ``weight``, with ``ignore_index=-100``
+      and no label smoothing → ``"cross_entropy"`` (labels outside
+      ``[0, C)``, -100 included, are refused);
+      ``nn.MSELoss()`` → ``"mse"``;
+      ``nn.BCEWithLogitsLoss()`` without ``weight`` and ``pos_weight`` →
+      ``"bce_with_logits"``;
+      ``nn.PoissonNLLLoss(log_input=True, full=False)`` → ``"poisson_nll"``.
+    - Keras, reduction ``"sum_over_batch_size"`` (the default) or ``"mean"``:
+      ``CategoricalCrossentropy(from_logits=True)`` without label smoothing,
+      ``axis=-1`` → ``"cross_entropy"`` on probability targets with the class
+      axis last; ``SparseCategoricalCrossentropy(from_logits=True)`` without
+      ``ignore_class`` → ``"cross_entropy"`` on labels with the class axis
+      last (both with ``"sum"`` too); ``MeanSquaredError()`` → ``"mse"`` (the
+      mean over every element); ``BinaryCrossentropy(from_logits=True)``
+      without label smoothing → ``"bce_with_logits"``.  Targets follow
+      Keras: one trailing axis of size 1 more or less than the outputs is
+      reshaped away, integer targets are cast.
 
-    ===================================================  ============================================
-    Keras (``reduction`` "sum_over_batch_size"/"mean",   becomes
-    or "sum" where noted)
-    ===================================================  ============================================
-    ``CategoricalCrossentropy(from_logits=True)``,       ``"cross_entropy"`` with the class axis last,
-    no label smoothing, ``axis=-1``; also "sum"          probability targets
-    ``SparseCategoricalCrossentropy(from_logits=True)``  ``"cross_entropy"`` with the class axis last,
-    without ``ignore_class``; also "sum"                 labels
-    ``MeanSquaredError()``                               ``"mse"`` (the mean over every element)
-    ``BinaryCrossentropy(from_logits=True)``, no label   ``"bce_with_logits"``
-    smoothing
-    ===================================================  ============================================
-
-    Keras's ``"sum"`` for mean squared error and binary cross-entropy sums
-    per-sample means over the last axis, which no built-in loss is, and
-    ``keras.losses.Poisson`` takes rates where ``"poisson_nll"`` takes
-    log-rates: these, probabilities (``from_logits=False``), label
-    smoothing, class weights, ignored classes and every other loss object
-    are called through autodiff, Keras's in Keras's order ``(y_true, y_pred)``.
+    Called through autodiff instead: Keras's ``"sum"`` for mean squared error
+    and binary cross-entropy (a sum of per-sample means over the last axis,
+    which no built-in loss is), ``keras.losses.Poisson`` (it takes rates,
+    ``"poisson_nll"`` log-rates), probabilities (``from_logits=False``),
+    label smoothing, class weights, ignored classes and every other loss;
+    Keras losses, objects and functions of ``keras.losses``, in Keras's order
+    ``loss(y_true, y_pred)``.
 
     Parameters
     ----------
@@ -514,6 +516,8 @@ def make_loss(loss: Any, reduction: str = "mean") -> Loss:
         if key not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; use one of {sorted(LOSSES)} or a callable loss(outputs, targets)")
         return LOSSES[key](reduction)
+    if isinstance(loss, type) and (loss.__module__ == _TORCH_LOSS_MODULE or is_keras_loss_class(loss)):
+        raise TypeError(f"loss={loss.__name__} is a class; pass an instance, such as loss={loss.__name__}()")
     if callable(loss):
         module = type(loss).__module__
         if module == _TORCH_LOSS_MODULE:

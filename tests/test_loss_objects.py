@@ -122,6 +122,9 @@ def test_loss_object_reduction_conflicts_and_none() -> None:
     assert make_loss(nn.MSELoss(reduction="sum"), reduction="sum").reduction == "sum"
     with pytest.raises(ValueError, match="reduction 'none'"):
         make_loss(keras.losses.MeanSquaredError(reduction=None))
+    for cls in (nn.MSELoss, keras.losses.MeanSquaredError):
+        with pytest.raises(TypeError, match=f"pass an instance, such as loss={cls.__name__}"):
+            make_loss(cls)
 
 
 # ----------------------------------------------------------------------------- Keras
