@@ -13,7 +13,7 @@ from ._arrays import all_finite, dtype_name, is_floating, shape
 from ._backend import Array, Backend, ParameterBinding
 from ._data import DataSource
 from ._dispatch import find_backend
-from ._losses import Loss, make_loss
+from ._losses import CallableLoss, Loss, make_loss
 from ._progress import progress_bar
 from ._trees import all_leaves
 
@@ -56,6 +56,8 @@ class Problem:
     check_finite: bool
     progress: bool | None = None
     distributed: Any = None
+    sample_shape: tuple[int, ...] | None = None
+    """Shape of one sample's outputs, read on the first batch; later batches' targets are checked against it."""
     passes: int = 0
     """Passes over the data made so far (one per batched product)."""
     _prepared_single: Batch | None = field(default=None, repr=False)
@@ -206,6 +208,8 @@ def build_problem(
                 "'poisson_nll' or a callable loss(outputs, targets)"
             )
         loss_obj = make_loss(loss, reduction)
+        if not isinstance(loss_obj, CallableLoss):
+            reduction = loss_obj.reduction  # a loss object's own reduction (nn.MSELoss(reduction="sum"))
 
     named = backend.named_parameters(model, weights)
     if not named:
@@ -285,6 +289,8 @@ def check_batch(problem: Problem, batch: Batch, index: int) -> None:
     b = problem.backend
     if batch_size(batch) == 0:
         raise ValueError(f"batch {index} of data is empty (0 samples); drop it from the data")
+    if problem.loss is not None and problem.sample_shape is not None:
+        problem.loss.check_targets(b, batch[1], problem.sample_shape)  # labels in range, target shapes
     if problem.check_finite:
         for leaf in all_leaves(batch):
             if b.is_array(leaf) and is_floating(b.xp, leaf) and not all_finite(b.xp, leaf):
@@ -311,6 +317,7 @@ def _check_problem(problem: Problem, first: Batch | None) -> None:
     if not b.is_array(out):
         raise TypeError(f"the model returned {type(out).__name__}; it must return one array of outputs")
     problem.loss.check(b, out, y)
+    problem.sample_shape = shape(out)[1:]
     problem.loss.value(b, out, y)  # a callable loss shows here whether it returns a scalar
     again = problem.binding.apply(problem.binding.w, x)
     a, c = b.to_numpy(out).astype(np.float64), b.to_numpy(again).astype(np.float64)

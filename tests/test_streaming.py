@@ -199,3 +199,28 @@ def test_progress_bar_over_the_batches(capsys: pytest.CaptureFixture) -> None:
     assert "pass over data" in capsys.readouterr().err
     mh.hessian(model, data=source, loss="cross_entropy", progress=False) @ v
     assert "pass over data" not in capsys.readouterr().err
+
+
+def test_later_batches_are_checked_on_their_first_pass() -> None:
+    model = torch.nn.Linear(D, C).double()
+    x, y = torch.randn(8, D, dtype=torch.float64), torch.randint(0, C, (8,))
+    bad = y.clone()
+    bad[3] = C  # one class too many
+    H = mh.hessian(model, data=[(x, y), (x, y), (x, bad)], loss="cross_entropy")
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\]"):
+        H @ torch.ones(H.shape[1], dtype=torch.float64)
+
+
+def test_a_loss_module_sums_over_batches_with_its_own_reduction() -> None:
+    model = torch.nn.Linear(D, C).double()
+    x, t = torch.randn(12, D, dtype=torch.float64), torch.randn(12, C, dtype=torch.float64)
+    batches = [(x[:5], t[:5]), (x[5:], t[5:])]
+    H = mh.hessian(model, data=batches, loss=torch.nn.MSELoss(reduction="sum")).dense().numpy()
+    # Closed form: Σ (W x + b - t)² has Hessian 2 Σ_n [x_n; 1][x_n; 1]ᵀ ⊗ I_C, ordered weight (C, D) then bias.
+    xa = np.concatenate([x.numpy(), np.ones((12, 1))], axis=1)
+    gram = 2 * xa.T @ xa
+    expected = np.zeros((C * (D + 1), C * (D + 1)))
+    for c in range(C):
+        rows = [c * D + d for d in range(D)] + [C * D + c]
+        expected[np.ix_(rows, rows)] = gram
+    np.testing.assert_allclose(H, expected, rtol=1e-10, atol=1e-12)
