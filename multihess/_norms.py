@@ -13,9 +13,9 @@ from ._probes import DISTRIBUTIONS, RunningMoments, probe_reductions, warn_low_p
 def frobenius_norm(
     op: CurvatureOperator,
     num_probes: int = 10,
-    seed: int | None = 0,
-    distribution: str = "rademacher",
     *,
+    distribution: str = "rademacher",
+    seed: int | None = 0,
     memory_budget: int | None = None,
 ) -> Estimate:
     """Estimate ``‖A‖_F`` from ``E ‖A z‖² = ‖A‖_F²`` for probes with ``E z zᵀ = I``.
