@@ -128,12 +128,17 @@ class Device:
         """Host data on the device, in the accumulation dtype."""
         return self._send(np.ascontiguousarray(a, dtype=np.float64))
 
-    def zeros(self, dims: tuple[int, ...]) -> Array:
-        """A zero array on the device (for the buffers of writable arrays)."""
+    def empty(self, dims: tuple[int, ...]) -> Array:
+        """An uninitialized array on the device (``zeros`` where the namespace has no ``empty``).
+
+        For the buffers of writable arrays, whose rows are read only once written:
+        zero-filling 8 bytes per entry of a basis would cost about a tenth of the products.
+        """
+        make = getattr(self.xp, "empty", self.xp.zeros)
         device = getattr(self.like, "device", None)
         if device is None:
-            return self.xp.zeros(dims, dtype=self.dtype)
-        return self.xp.zeros(dims, dtype=self.dtype, device=device)
+            return make(dims, dtype=self.dtype)
+        return make(dims, dtype=self.dtype, device=device)
 
 
 def _is_writable(xp: Namespace, like: Array) -> bool:
@@ -249,9 +254,9 @@ class Rows:
         """Add one row per batch entry: ``row`` has shape ``(*batch, 1, n)``."""
         if self.device.writable:
             if self._buffer is None:
-                self._buffer = self.device.zeros((*self.batch, self._capacity, self.n))
+                self._buffer = self.device.empty((*self.batch, self._capacity, self.n))
             elif self.size == shape(self._buffer)[-2]:
-                grown = self.device.zeros((*self.batch, 2 * self.size, self.n))
+                grown = self.device.empty((*self.batch, 2 * self.size, self.n))
                 grown[..., : self.size, :] = self._buffer
                 self._buffer = grown
             self._buffer[..., self.size : self.size + 1, :] = row
@@ -306,15 +311,25 @@ class Rows:
         """
         xp = self.device.xp
         w, last_d, removed_d = self._pass(w)
-        after2, removed, last = self.device.read(xp.vecdot(w, w), removed_d, last_d)
+        after2, removed, last = self.device.read(_squares(xp, w), removed_d, last_d)
         after2 = after2.reshape(self.batch)
         after, before = np.sqrt(after2), np.sqrt(after2 + removed.reshape(self.batch))
         needs = after <= _REPEAT_BELOW * before
         if np.any(needs if active is None else needs & active):
             w, last2_d, _ = self._pass(w)
-            after2, last2 = self.device.read(xp.vecdot(w, w), last2_d)
+            after2, last2 = self.device.read(_squares(xp, w), last2_d)
             after, last = np.sqrt(after2.reshape(self.batch)), last + last2
         return w, last, before, after
+
+
+def _squares(xp: Namespace, w: Array) -> Array:
+    """``‖w‖²`` along the last axis.
+
+    As an elementwise product and a sum: PyTorch's ``vecdot`` and ``(1, n) @ (n, 1)``
+    take 8 ms for n = 2·10⁵ in float64 on a CPU (a matrix kernel for one
+    number), against 0.1 ms for this; JAX and TensorFlow take about the same either way.
+    """
+    return xp.sum(w * w, axis=-1)
 
 
 def _fresh_direction(basis: Rows, draw: RandomVector) -> Array | None:
@@ -581,7 +596,7 @@ def power_iteration(
         return v - xp.matmul(xp.reshape(c, (1, shape(found)[0])), found)  # → v − Fᵀ F v
 
     def unit(v: Array) -> Array:
-        (squared,) = device.read(xp.vecdot(v, v))
+        (squared,) = device.read(_squares(xp, v))
         return v / float(np.sqrt(squared[0]))
 
     def one_pair(shift: float, scale: float) -> tuple[float, Array]:
@@ -591,9 +606,9 @@ def power_iteration(
         for _ in range(max_steps):
             y = apply(x)  # x → Ax
             y = deflated(y + shift * x if shift else y)  # → (A + sI) x, off the found vectors
-            theta_d = xp.vecdot(x, y)  # θ = xᵀ(A + sI)x, shape (1,)
+            theta_d = xp.sum(x * y, axis=-1)  # θ = xᵀ(A + sI)x, shape (1,)
             r = y - xp.reshape(theta_d, (1, 1)) * x  # the residual, measured directly (no cancellation)
-            theta, residual2, norm2 = (float(v[0]) for v in device.read(theta_d, xp.vecdot(r, r), xp.vecdot(y, y)))
+            theta, residual2, norm2 = (float(v[0]) for v in device.read(theta_d, _squares(xp, r), _squares(xp, y)))
             residual, norm = float(np.sqrt(residual2)), float(np.sqrt(norm2))
             if residual <= tol * (scale or abs(theta)):
                 return theta - shift, x
