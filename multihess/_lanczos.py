@@ -250,16 +250,32 @@ class Rows:
             return [self._buffer[..., : self.size, :]] if self.size else []
         return self._frozen + ([self._tail] if self._tail is not None else [])
 
+    def _slot(self) -> Array:
+        """The storage of the next row of a writable buffer, grown when full."""
+        if self._buffer is None:
+            self._buffer = self.device.empty((*self.batch, self._capacity, self.n))
+        elif self.size == shape(self._buffer)[-2]:
+            grown = self.device.empty((*self.batch, 2 * self.size, self.n))
+            grown[..., : self.size, :] = self._buffer
+            self._buffer = grown
+        return self._buffer[..., self.size : self.size + 1, :]
+
+    def append_scaled(self, w: Array, scale: float) -> Array:
+        """Add ``scale · w`` as a row and return it (the buffer's own storage where arrays are writable)."""
+        if not self.device.writable:
+            row = w * scale
+            self.append(row)
+            return row
+        row = self._slot()
+        row[...] = w
+        row *= scale
+        self.size += 1
+        return row
+
     def append(self, row: Array) -> None:
         """Add one row per batch entry: ``row`` has shape ``(*batch, 1, n)``."""
         if self.device.writable:
-            if self._buffer is None:
-                self._buffer = self.device.empty((*self.batch, self._capacity, self.n))
-            elif self.size == shape(self._buffer)[-2]:
-                grown = self.device.empty((*self.batch, 2 * self.size, self.n))
-                grown[..., : self.size, :] = self._buffer
-                self._buffer = grown
-            self._buffer[..., self.size : self.size + 1, :] = row
+            self._slot()[...] = row
         else:
             xp = self.device.xp
             self._tail = row if self._tail is None else xp.concat([self._tail, row], axis=-2)
@@ -286,12 +302,22 @@ class Rows:
     def _pass(self, w: Array) -> tuple[Array, Array, Array]:
         """One classical Gram-Schmidt pass: ``w − QQᵀw``, the coefficient on the newest row and ``‖Qᵀw‖²``."""
         xp, batch, n = self.device.xp, self.batch, self.n
+        parts = self.parts()
         column = xp.reshape(w, (*batch, n, 1))
-        coefs = [xp.matmul(part, column) for part in self.parts()]  # w → Qᵀw, block by block
-        for part, c in zip(self.parts(), coefs):
-            w = w - xp.matmul(xp.reshape(c, (*batch, 1, shape(c)[-2])), part)  # → w − Q Qᵀw
+        coefs = [xp.matmul(part, column) for part in parts]  # w → Qᵀw, block by block
+        out = None
+        for part, c in zip(parts, coefs):
+            # The coefficients are negated (a few numbers) so that the block's product, a new array,
+            # takes w in place where arrays are writable: w itself is never written (it may be a
+            # product's input), and no other array of length n is made.
+            term = xp.matmul(xp.reshape(-c, (*batch, 1, shape(c)[-2])), part)  # → −Q Qᵀw
+            if out is None:
+                term += w  # → w − Q Qᵀw
+                out = term
+            else:
+                out += term
         removed = sum(xp.sum(c * c, axis=(-2, -1)) for c in coefs)
-        return w, coefs[-1][..., -1, 0], removed
+        return out, coefs[-1][..., -1, 0], removed
 
     def orthogonalize(
         self, w: Array, active: np.ndarray | None = None
@@ -460,10 +486,10 @@ def lanczos_extreme(
             block_start = m
             beta.append(0.0)
             q = fresh
+            basis.append(q)
         else:
             beta.append(b)
-            q = w / b
-        basis.append(q)
+            q = basis.append_scaled(w, 1.0 / b)  # the next Lanczos vector w / β
     return LanczosResult(values, vectors, residuals, basis, converged)
 
 
