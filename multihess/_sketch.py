@@ -166,7 +166,9 @@ class ExchangeableSketch:
         s = shape(X)[1]
         mean = xp.sum(X, axis=1) / s
         spread = xp.sum((X - xp.reshape(mean, (-1, 1))) ** 2, axis=1)
-        return mean, xp.sqrt(spread / ((s - 1) * s)) if s > 1 else spread * float("nan")
+        if s < 2:  # one estimate has no spread: NaN, as the other estimators report it
+            return mean, spread * float("nan")
+        return mean, xp.sqrt(spread / ((s - 1) * s))
 
 
 def product_eps(op: CurvatureOperator) -> float:

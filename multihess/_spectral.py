@@ -174,15 +174,14 @@ def eigvalsh(
         rows = op.backend.xp.stack([found[int(i)] for i in order]) if return_eigenvectors else None
     if not converged:
         per = " per eigenvalue" if method == "power" else ""
-        below = (
-            f", which is below what {dtype_name(apply.device.like if eps > apply.eps_product else op.cols.w)} "
-            f"arithmetic resolves (about {_RESOLUTION * eps:.1g})"
-            if tol < _RESOLUTION * eps
-            else ""
-        )
+        floor = _RESOLUTION * eps
+        if tol < floor:  # no number of steps can certify it
+            coarse = dtype_name(apply.device.like if eps > apply.eps_product else op.cols.w)
+            why = f", which is below what {coarse} arithmetic resolves (about {floor:.1g}); raise tol to at least that"
+        else:
+            why = "; the eigenvalues are less accurate (raise num_iterations, or tol)"
         warnings.warn(
-            f"eigvalsh: {method} did not reach tol={tol:g} within {max_steps} products{per}{below}; "
-            "the eigenvalues are less accurate (raise num_iterations, or tol)",
+            f"eigvalsh: {method} did not reach tol={tol:g} within {max_steps} products{per}{why}",
             RuntimeWarning,
             stacklevel=2,
         )
