@@ -8,7 +8,8 @@ from ._checks import check_choice, check_count, check_memory_budget, check_opera
 from ._estimate import Estimate
 from ._exact_ggn import ggn_diagonal_samples
 from ._operator import CurvatureOperator
-from ._probes import DISTRIBUTIONS, RunningMoments, probe_products, warn_low_precision
+from ._probes import DISTRIBUTIONS, RunningMoments, planned_chunks, probe_products, warn_low_precision
+from ._progress import planned_passes
 from ._sketch import exchangeable_sketch
 
 DIAGONAL_METHODS = ("hutchinson", "xdiag", "exact", "mc")
@@ -120,15 +121,18 @@ def diagonal(
     rng = np.random.default_rng(seed)
     if method == "hutchinson":
         moments = RunningMoments()
-        for Z, AZ in probe_products(op, rng, num_probes, distribution, budget):
-            moments.add(Z.astype(np.float64) * AZ)  # z ⊙ Az of each probe, in float64
+        with planned_passes(planned_chunks(op, budget, num_probes), "diagonal (hutchinson)"):
+            for Z, AZ in probe_products(op, rng, num_probes, distribution, budget):
+                moments.add(Z.astype(np.float64) * AZ)  # z ⊙ Az of each probe, in float64
         return _to_framework(op, moments.mean, moments.std_error(), num_probes, method)
     if num_probes < 2:
         raise ValueError(f"method='xdiag' needs num_probes ≥ 2, got {num_probes}")
-    samples = exchangeable_sketch(op, rng, num_probes // 2, distribution, budget).diagonal_samples()
-    moments = RunningMoments()
-    moments.add(samples.T)
-    return _to_framework(op, moments.mean, moments.std_error(), num_probes, method)
+    with planned_passes(planned_chunks(op, budget, num_probes // 2, num_probes // 2), "diagonal (xdiag)"):
+        sketch = exchangeable_sketch(op, rng, num_probes // 2, distribution, budget)
+    # The mean and its error are formed on the device: the n-vectors never visit the host.
+    value, std_error = sketch.diagonal_estimate()
+    xp, like = op.backend.xp, op.rows.w
+    return Estimate(xp.astype(value, like.dtype), xp.astype(std_error, like.dtype), num_probes, method)
 
 
 def _to_framework(op: CurvatureOperator, value: np.ndarray, std_error: np.ndarray, num: int, method: str) -> Estimate:

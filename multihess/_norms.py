@@ -7,7 +7,8 @@ import numpy as np
 from ._checks import check_choice, check_count, check_memory_budget, check_operator, make_rng
 from ._estimate import Estimate
 from ._operator import CurvatureOperator
-from ._probes import DISTRIBUTIONS, RunningMoments, probe_reductions, warn_low_precision
+from ._probes import DISTRIBUTIONS, RunningMoments, planned_chunks, probe_reductions, warn_low_precision
+from ._progress import planned_passes
 
 
 def frobenius_norm(
@@ -65,8 +66,11 @@ def frobenius_norm(
     b = op.backend
     moments = RunningMoments()
     # ‖A z‖² of each probe, reduced on the device: only the chunk's scalars come back.
-    for squares in probe_reductions(op, rng, num_probes, distribution, budget, lambda Z, AZ: b.xp.sum(AZ * AZ, axis=1)):
-        moments.add(squares)
+    with planned_passes(planned_chunks(op, budget, num_probes), "frobenius_norm"):
+        for squares in probe_reductions(
+            op, rng, num_probes, distribution, budget, lambda Z, AZ: b.xp.sum(AZ * AZ, axis=1)
+        ):
+            moments.add(squares)
     mean_sq = float(moments.mean)
     value = float(np.sqrt(max(mean_sq, 0.0)))
     se_sq = float(moments.std_error())

@@ -17,6 +17,7 @@ import numpy as np
 
 from ._arrays import all_finite, device_name, dtype_name, is_floating, itemsize, shape
 from ._backend import Array, Backend, ParameterBinding
+from ._progress import planned_passes
 
 DENSE_CHUNK = 64
 """Columns computed per batched product when building a dense matrix."""
@@ -168,11 +169,12 @@ class CurvatureOperator:
                 "(mh.trace, mh.diagonal, mh.eigvalsh)"
             )
         blocks = []
-        for start in range(0, n, chunk_size):
-            stop = min(start + chunk_size, n)
-            units = np.zeros((stop - start, n))
-            units[np.arange(stop - start), np.arange(start, stop)] = 1.0
-            blocks.append(self._matmat_rows(b.asarray(units, self.cols.w)))
+        with planned_passes(-(-n // chunk_size), "dense"):
+            for start in range(0, n, chunk_size):
+                stop = min(start + chunk_size, n)
+                units = np.zeros((stop - start, n))
+                units[np.arange(stop - start), np.arange(start, stop)] = 1.0
+                blocks.append(self._matmat_rows(b.asarray(units, self.cols.w)))
         # Each block holds columns start..stop of A as rows.
         return b.xp.matrix_transpose(b.xp.concat(blocks, axis=0))
 

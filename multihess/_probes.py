@@ -107,6 +107,12 @@ def rows_per_chunk(op: CurvatureOperator, memory_budget: int) -> int:
     return int(max(1, min(MAX_ROWS, memory_budget // max(per_row, 1))))
 
 
+def planned_chunks(op: CurvatureOperator, memory_budget: int, *sizes: int) -> int:
+    """How many batched products (passes over the data) blocks of ``sizes`` probes take within the budget."""
+    per_pass = rows_per_chunk(op, memory_budget)
+    return sum(-(-size // per_pass) for size in sizes)
+
+
 def chunks(total: int, size: int) -> Iterator[tuple[int, int]]:
     """``(start, stop)`` of consecutive chunks of at most ``size`` covering ``range(total)``."""
     for start in range(0, total, size):

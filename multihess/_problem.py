@@ -14,7 +14,7 @@ from ._backend import Array, Backend, ParameterBinding
 from ._data import DataSource
 from ._dispatch import find_backend
 from ._losses import CallableLoss, Loss, make_loss
-from ._progress import progress_bar
+from ._progress import pass_done, progress_bar
 from ._trees import all_leaves
 
 Batch = Any
@@ -106,7 +106,9 @@ class Problem:
         so the dataset's size need not be known in advance.
         """
         if self.source is None:
-            return per_batch(None)
+            result = per_batch(None)
+            pass_done(self.progress)  # one product of a function of the parameters: a pass of its own
+            return result
         self.passes += 1
         mean = self.reduction == "mean" and self.source.single is None
         total, samples = None, 0
@@ -122,6 +124,7 @@ class Problem:
             samples += n
         if self.distributed:
             total, samples = self._across_processes(total, samples)
+        pass_done(self.progress)
         return total * (1.0 / samples) if mean else total
 
     def _across_processes(self, total: Any, samples: int) -> tuple[Any, int]:

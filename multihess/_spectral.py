@@ -16,6 +16,7 @@ from ._checks import check_choice, check_count, check_operator, check_positive, 
 from ._lanczos import DeviceOperator, lanczos_extreme, lanczos_quadrature, power_iteration, wanted_indices
 from ._operator import CurvatureOperator
 from ._probes import draw_probes, probe_order
+from ._progress import planned_passes
 
 _WHICH = ("largest", "magnitude")
 _METHODS = ("lanczos", "power")
@@ -161,14 +162,16 @@ def eigvalsh(
         default_steps = min(n, max(_LANCZOS_STEPS, 3 * k))
         max_steps = default_steps if num_iterations is None else min(num_iterations, n)
         breakdown = breakdown_threshold(tol, eps)
-        result = lanczos_extreme(apply, n, k, which, max_steps, tol, breakdown, gaussian, _RESOLUTION * eps)
+        with planned_passes(max_steps, "eigvalsh (lanczos)"):
+            result = lanczos_extreme(apply, n, k, which, max_steps, tol, breakdown, gaussian, _RESOLUTION * eps)
         idx = wanted_indices(result.values, k, which)
         values, converged = result.values[idx], result.converged
         if return_eigenvectors:
             rows = result.basis.combine(np.ascontiguousarray(result.vectors[:, idx].T))  # Ritz vectors Yᵀ Q, (k, n)
     else:
         max_steps = _POWER_STEPS if num_iterations is None else num_iterations
-        values, found, converged = power_iteration(apply, n, k, which, max_steps, tol, gaussian)
+        with planned_passes(k * max_steps, "eigvalsh (power)"):  # at most max_steps per eigenvalue
+            values, found, converged = power_iteration(apply, n, k, which, max_steps, tol, gaussian)
         order = wanted_indices(values, k, which)
         values = values[order]
         rows = op.backend.xp.stack([found[int(i)] for i in order]) if return_eigenvectors else None
@@ -306,7 +309,8 @@ def spectral_density(
 
     starts = random_vectors(op, seed)(num_probes, "rademacher") / np.sqrt(n)
     apply = DeviceOperator(op)
-    nodes, weights = lanczos_quadrature(apply, starts, num_steps, float(np.sqrt(apply.eps)))
+    with planned_passes(num_steps, "spectral_density"):  # every probe's step in one pass
+        nodes, weights = lanczos_quadrature(apply, starts, num_steps, float(np.sqrt(apply.eps)))
 
     lo, hi = float(nodes.min()), float(nodes.max())
     if sigma is None:

@@ -23,10 +23,12 @@ from ._probes import (
     chunks,
     draw_probes,
     order_by_name,
+    planned_chunks,
     probe_dtype,
     rows_per_chunk,
 )
 from ._problem import Problem
+from ._progress import planned_passes
 from ._spectral import eigvalsh
 
 SUMMARY_METHODS = ("exact", "mc", "hutchinson")
@@ -223,17 +225,18 @@ def _block_hutchinson(
         rows[i * num_probes : (i + 1) * num_probes][:, positions[g]] = block
     traces = {g: RunningMoments() for g in members}
     diagonals = {g: RunningMoments() for g in members}
-    for start, stop in chunks(rows.shape[0], rows_per_chunk(op, budget)):
-        AZ = apply_rows(op, rows[start:stop])
-        for i, g in enumerate(order):
-            lo, hi = max(start, i * num_probes), min(stop, (i + 1) * num_probes)
-            if lo >= hi:
-                continue
-            idx = positions[g]
-            z = rows[lo:hi][:, idx].astype(np.float64)
-            az = AZ[lo - start : hi - start][:, idx].astype(np.float64)
-            traces[g].add(np.einsum("ij,ij->i", z, az))  # z_gᵀ A_gg z_g
-            diagonals[g].add(z * az)  # z_g ⊙ A_gg z_g
+    with planned_passes(planned_chunks(op, budget, rows.shape[0]), "summary (hutchinson)"):
+        for start, stop in chunks(rows.shape[0], rows_per_chunk(op, budget)):
+            AZ = apply_rows(op, rows[start:stop])
+            for i, g in enumerate(order):
+                lo, hi = max(start, i * num_probes), min(stop, (i + 1) * num_probes)
+                if lo >= hi:
+                    continue
+                idx = positions[g]
+                z = rows[lo:hi][:, idx].astype(np.float64)
+                az = AZ[lo - start : hi - start][:, idx].astype(np.float64)
+                traces[g].add(np.einsum("ij,ij->i", z, az))  # z_gᵀ A_gg z_g
+                diagonals[g].add(z * az)  # z_g ⊙ A_gg z_g
     out = {}
     for g in members:
         est = Estimate(float(traces[g].mean), float(traces[g].std_error()), num_probes, "hutchinson")

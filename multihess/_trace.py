@@ -8,17 +8,9 @@ from ._checks import check_choice, check_count, check_memory_budget, check_opera
 from ._estimate import Estimate
 from ._exact_ggn import ggn_diagonal_samples
 from ._operator import CurvatureOperator
-from ._probes import (
-    DISTRIBUTIONS,
-    RunningMoments,
-    draw_probes,
-    probe_dtype,
-    probe_order,
-    probe_reductions,
-    products,
-    warn_low_precision,
-)
-from ._sketch import exchangeable_sketch, product_eps, range_basis
+from ._probes import DISTRIBUTIONS, RunningMoments, planned_chunks, probe_reductions, warn_low_precision
+from ._progress import planned_passes
+from ._sketch import exchangeable_sketch, hutch_plus_plus
 
 TRACE_METHODS = ("hutchinson", "hutch++", "xtrace", "exact", "mc")
 _MIN_PROBES = {"hutch++": 3, "xtrace": 2}
@@ -132,11 +124,18 @@ def trace(
     if num_probes < minimum:
         raise ValueError(f"method={method!r} needs num_probes ≥ {minimum}, got {num_probes}")
     rng = np.random.default_rng(seed)
+    estimator = {"hutchinson": _hutchinson, "hutch++": _hutch_plus_plus, "xtrace": _xtrace}[method]
+    with planned_passes(_planned_passes(op, method, num_probes, budget), f"trace ({method})"):
+        return estimator(op, rng, num_probes, distribution, budget)
+
+
+def _planned_passes(op: CurvatureOperator, method: str, num: int, budget: int) -> int:
+    """Batched products each method makes (at most: a rank-deficient sketch needs fewer)."""
     if method == "hutchinson":
-        return _hutchinson(op, rng, num_probes, distribution, budget)
-    if method == "hutch++":
-        return _hutch_plus_plus(op, rng, num_probes, distribution, budget)
-    return _xtrace(op, rng, num_probes, distribution, budget)
+        return planned_chunks(op, budget, num)
+    if method == "hutch++":  # S → AS, Q → AQ, then the projected probes
+        return planned_chunks(op, budget, num // 3, num // 3, num - 2 * (num // 3))
+    return planned_chunks(op, budget, num // 2, num // 2)  # XTrace: Ω → AΩ, Q → AQ
 
 
 def _from_samples(samples: np.ndarray, method: str, exact: bool) -> Estimate:
@@ -160,17 +159,7 @@ def _hutchinson(op: CurvatureOperator, rng: np.random.Generator, num: int, distr
 def _hutch_plus_plus(
     op: CurvatureOperator, rng: np.random.Generator, num: int, distribution: str, budget: int
 ) -> Estimate:
-    n = op.shape[1]
-    sketch_size = num // 3
-    residual_size = num - 2 * sketch_size
-    # Sketch probes first, then the Hutchinson probes, from one stream.
-    order, dtype = probe_order(op), probe_dtype(op)
-    S = draw_probes(rng, sketch_size, n, distribution, order, dtype).astype(np.float64)
-    G = draw_probes(rng, residual_size, n, distribution, order, dtype).astype(np.float64)
-    Q = range_basis(products(op, S, budget).T, product_eps(op))  # S → AS → basis Q of its range
-    low_rank = float(np.sum(Q * products(op, Q.T, budget).T)) if Q.shape[1] else 0.0  # tr(QᵀAQ)
-    G = G - (G @ Q) @ Q.T  # probes projected off the sketched range: (I − QQᵀ) g
-    samples = np.sum(G * products(op, G, budget), axis=1)
+    low_rank, samples = hutch_plus_plus(op, rng, num, distribution, budget)  # on the device; scalars come back
     moments = RunningMoments()
     moments.add(samples)
     return Estimate(low_rank + float(moments.mean), float(moments.std_error()), num, "hutch++")

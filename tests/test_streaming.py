@@ -201,6 +201,50 @@ def test_progress_bar_over_the_batches(capsys: pytest.CaptureFixture) -> None:
     assert "pass over data" not in capsys.readouterr().err
 
 
+class RecordedBar:
+    """Stands in for tqdm: what an estimator's bar was told."""
+
+    made: list[RecordedBar] = []
+
+    def __init__(self, plan) -> None:
+        self.desc, self.total, self.count, self.closed = plan.desc, plan.total, plan.done, False
+        RecordedBar.made.append(self)
+
+    def update(self, n: int) -> None:
+        self.count += n
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_estimators_count_their_planned_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mh._progress, "_passes_bar", RecordedBar)
+    RecordedBar.made = []
+    model = torch.nn.Sequential(torch.nn.Linear(D, 5), torch.nn.Tanh(), torch.nn.Linear(5, C)).double()
+    source = CountingSource(num_batches=3)
+    H = mh.hessian(model, data=source, loss="cross_entropy", progress=True)
+    before = source.passes
+    with pytest.warns(RuntimeWarning, match="did not reach"):
+        mh.eigvalsh(H, k=1, num_iterations=6, tol=1e-30)
+    lanczos = RecordedBar.made[-1]
+    assert (lanczos.desc, lanczos.total) == ("eigvalsh (lanczos)", 6)
+    assert lanczos.count == source.passes - before == 6 and lanczos.closed
+    # A budget of about 4 probes per product: 10 probes are 3 passes, each counted once.
+    n = H.shape[0]
+    budget = 4 * 2 * n * (8 + 8)
+    before = source.passes
+    mh.trace(H, 10, memory_budget=budget)
+    hutchinson = RecordedBar.made[-1]
+    assert (hutchinson.desc, hutchinson.total, hutchinson.count) == ("trace (hutchinson)", 3, 3)
+    assert source.passes - before == 3
+    H.dense()
+    assert RecordedBar.made[-1].desc == "dense" and RecordedBar.made[-1].count == -(-n // 64)
+    made = len(RecordedBar.made)
+    mh.trace(mh.hessian(model, data=source, loss="cross_entropy", progress=False), 10)
+    mh.trace(torch.eye(4, dtype=torch.float64), 10)  # a dense matrix makes no passes
+    assert len(RecordedBar.made) == made, "no bar with progress=False, nor without passes"
+
+
 def test_later_batches_are_checked_on_their_first_pass() -> None:
     model = torch.nn.Linear(D, C).double()
     x, y = torch.randn(8, D, dtype=torch.float64), torch.randint(0, C, (8,))
