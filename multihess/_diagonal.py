@@ -81,7 +81,9 @@ def diagonal(
 
     Notes
     -----
-    Probe products are accumulated in float64 on the host; the exact and
+    Hutchinson's probe products are accumulated in float64 on the host;
+    XDiag's sketch and estimate stay on the device, in float64 where the
+    device has it (float32 otherwise); the exact and
     Monte Carlo diagonals are summed on the device per chunk of samples and
     accumulated in float64 on the host.  Products run in the operator's
     dtype; for float16 and bfloat16 operators the per-sample products of the

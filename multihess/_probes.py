@@ -125,13 +125,6 @@ def apply_rows(op: CurvatureOperator, rows: np.ndarray) -> np.ndarray:
     return np.asarray(b.to_numpy(op._matmat_rows(b.asarray(np.ascontiguousarray(rows), op.cols.w))))
 
 
-def products(op: CurvatureOperator, rows: np.ndarray, memory_budget: int) -> np.ndarray:
-    """``(A rowsᵀ)ᵀ`` in float64 for ``rows`` of shape ``(k, n)``, in batched chunks."""
-    size = rows_per_chunk(op, memory_budget)
-    parts = [apply_rows(op, rows[a:b]).astype(np.float64, copy=False) for a, b in chunks(rows.shape[0], size)]
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-
 def probe_products(
     op: CurvatureOperator, rng: np.random.Generator, num: int, distribution: str, memory_budget: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
