@@ -36,6 +36,11 @@ from .._trees import (
 )
 from . import torch_per_sample
 
+_MATERIALIZE = (
+    "materialize the model first (model.to_empty(device=...) and then load or initialize the weights) "
+    "and keep the data on a real device"
+)
+
 
 def _is_tensor(x: Any) -> bool:
     return isinstance(x, torch.Tensor)
@@ -140,6 +145,10 @@ class TorchBackend(Backend):
 
     def asarray(self, a: np.ndarray | Array, like: Array) -> Array:
         if isinstance(a, torch.Tensor):
+            if a.is_meta:
+                raise ValueError(
+                    f"a {tuple(a.shape)} tensor is on torch's 'meta' device, which holds no values; {_MATERIALIZE}"
+                )
             # Pinned host memory copies to the GPU asynchronously; .to() is free on the same device.
             return a.to(like.device, non_blocking=a.device.type == "cpu" and a.is_pinned())
         a = np.asarray(a)
@@ -149,8 +158,16 @@ class TorchBackend(Backend):
     # ------------------------------------------------------------------ parameters
     def named_parameters(self, model: Any, weights: Any) -> list[tuple[str, Array]]:
         if isinstance(model, nn.Module) and weights is None:
-            return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        return [(n, leaf) for n, leaf in named_leaves(self.tree, weights)[0] if _is_tensor(leaf)]
+            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        else:
+            named = [(n, leaf) for n, leaf in named_leaves(self.tree, weights)[0] if _is_tensor(leaf)]
+        on_meta = [n for n, p in named if p.is_meta]
+        if on_meta:
+            raise ValueError(
+                f"parameters {on_meta[:3]}{' ...' if len(on_meta) > 3 else ''} are on torch's 'meta' device, "
+                f"which holds shapes but no values; {_MATERIALIZE}"
+            )
+        return named
 
     def bind(self, model: Any, weights: Any, selected: Sequence[str]) -> ParameterBinding:
         """Bind a subset; every parameter and buffer is a snapshot taken now (see :meth:`Backend.bind`)."""

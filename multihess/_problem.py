@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
+import types
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -214,11 +216,18 @@ def build_problem(
         if not isinstance(loss_obj, CallableLoss):
             reduction = loss_obj.reduction  # a loss object's own reduction (nn.MSELoss(reduction="sum"))
 
+    if weights is None and isinstance(model, (types.FunctionType, types.MethodType, functools.partial)):
+        # A function holds no parameters of its own (a JAX apply function, a TF function of variables).
+        raise TypeError(
+            f"the model {getattr(model, '__name__', type(model).__name__)!r} is a function and no parameters were "
+            "given: pass its parameter tree as the second argument, e.g. "
+            "mh.hessian(apply_fn, params, data=(x, y), loss=...)"
+        )
     named = backend.named_parameters(model, weights)
     if not named:
         raise ValueError(
-            "the model has no trainable parameters (none require gradients); "
-            "unfreeze some or pass the parameters explicitly"
+            f"the model has no trainable parameters for {backend.name}: no floating-point array "
+            "to differentiate (torch: none require gradients; unfreeze some) — or pass the parameters explicitly"
         )
     rows = select_names(named, params)
     cols = rows if col_params is None else select_names(named, col_params)

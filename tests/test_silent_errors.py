@@ -194,3 +194,34 @@ def test_finite_difference_step_check_can_be_switched_off() -> None:
         warnings.simplefilter("always")
         F @ torch.ones(F.shape[1])
     assert _user_warnings(record) == []
+
+
+# ----------------------------------------------------------------------------- clear errors
+def test_a_model_on_the_meta_device_is_refused_with_the_fix() -> None:
+    with torch.device("meta"):
+        model = nn.Linear(3, 2)
+    x, y = torch.randn(4, 3), torch.randint(0, 2, (4,))
+    with pytest.raises(ValueError, match=r"\['weight', 'bias'\] are on torch's 'meta' device.*to_empty"):
+        mh.hessian(model, data=(x, y), loss="cross_entropy")
+    real = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=r"\(4, 3\) tensor is on torch's 'meta' device"):
+        mh.hessian(real, data=(x.to("meta"), y), loss="cross_entropy")
+
+
+@pytest.mark.parametrize("framework", ["jax", "tensorflow"])
+def test_a_function_without_its_parameters_says_to_pass_them(framework: str) -> None:
+    if framework == "jax":
+        x, y = jnp.ones((4, 3)), jnp.zeros(4, dtype=jnp.int32)
+
+        def apply(params, inputs):
+            return inputs @ params["w"]
+    else:
+        x, y = tf.ones((4, 3)), tf.zeros(4, dtype=tf.int32)
+
+        def apply(params, inputs):
+            return tf.matmul(inputs, params["w"])
+
+    with pytest.raises(
+        TypeError, match=r"'apply' is a function and no parameters were given.*mh.hessian\(apply_fn, params"
+    ):
+        mh.hessian(apply, data=(x, y), loss="cross_entropy")
