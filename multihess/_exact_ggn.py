@@ -37,11 +37,16 @@ _SAMPLE_CHECKS = 3
 
 
 class _State:
-    """What is reused between calls on one operator: compiled functions and per-batch verdicts."""
+    """What is reused between calls on one operator: compiled functions and whether samples are independent.
+
+    Mixing samples (batch statistics) is a property of the model, so it is
+    checked once, on the first batch the operator meets, and not per batch:
+    a streamed dataset brings new batch objects on every pass.
+    """
 
     def __init__(self) -> None:
         self.squares: dict[bool, Callable[..., Array]] = {}
-        self.independent: dict[int, bool] = {}
+        self.independent: bool | None = None
 
 
 _STATES: weakref.WeakKeyDictionary[CurvatureOperator, _State] = weakref.WeakKeyDictionary()
@@ -209,10 +214,10 @@ def _squares(
     """
     b = problem.backend
     x = batch[0]
-    if id(batch) not in state.independent:
-        state.independent[id(batch)] = _samples_independent(b, binding, x)
+    if state.independent is None:
+        state.independent = _samples_independent(b, binding, x)
     f, w = _widened(b, binding)
-    if not state.independent[id(batch)]:
+    if not state.independent:
         return _squares_full_batch(b, f, w, x, cotangents, per_cotangent, budget)
     if per_cotangent not in state.squares:
         state.squares[per_cotangent] = b.per_sample_squares(f, per_cotangent)
