@@ -1,27 +1,47 @@
-"""Sums of squared per-sample products in PyTorch without holding the per-sample products.
+"""Sums of squared per-sample products in PyTorch without the generic per-sample route.
 
 The exact GGN diagonal is ``Σ_n Σ_k (J_nᵀ u_nk)²``.  Computed naively (the
-core's default) every per-sample product is formed: ``K·N·P`` numbers.  But
-a parameter that enters the model once, as the weight of a product with one
-row per sample, has an outer product as its per-sample product:
+core's default) every per-sample product is formed through a per-sample
+backward pass of the whole network: ``K·N·P`` numbers.  But a parameter that
+enters the model once, through an op whose derivative in that parameter is a
+contraction of the cotangent at the op's output with something the forward
+pass already has, has a per-sample product made from that cotangent alone:
 
-- ``y = F.linear(a, W, b)``: ``δ_n a_nᵀ`` for ``W`` and ``δ_n`` for ``b``;
-- ``y = a @ B``: ``a_n δ_nᵀ`` for ``B``;
-- ``y = h + b`` with ``b`` a vector added to every row: ``δ_n``,
+- ``y = F.linear(a, W, b)`` or ``y = a @ B``: ``Σ_t δ_nt a_ntᵀ`` for ``W``
+  (``a_nt δ_ntᵀ`` for ``B``), ``Σ_t δ_nt`` for ``b``, summed over the
+  positions ``t`` of sample ``n`` (none for a matrix of one row per sample);
+- ``y = h + b`` with ``b`` broadcast over the leading axes: ``Σ_t δ_nt``;
+- ``y = F.conv{1,2,3}d(x, W, b, stride, padding, dilation, groups)``: the
+  contraction of ``δ_n`` with the patches of ``x_n`` for ``W``, ``δ_n``
+  summed over positions for ``b``;
+- ``F.batch_norm`` with running statistics (inference mode) and
+  ``F.layer_norm``: ``Σ_t δ_nt x̂_nt`` for the scale, ``Σ_t δ_nt`` for the
+  shift, ``x̂`` the normalized input,
 
-where ``δ_n = ∂⟨z, u⟩/∂y_n`` is the cotangent at the op's output.  Then
-``Σ_n (δ_n a_nᵀ)² = (δ²)ᵀ (a²)``: one matrix product, and one batched
-backward pass gives ``δ`` at every such output for all ``K`` cotangents.
+where ``δ = ∂⟨z, u⟩/∂y`` is the cotangent at the op's output; one batched
+backward pass gives ``δ`` at every such output for all ``K`` cotangents.  For
+a matrix of one row per sample ``Σ_n (δ_n a_nᵀ)² = (δ²)ᵀ (a²)``: one matrix
+product.  Otherwise the per-sample products of that one parameter are formed
+from ``δ`` in chunks of samples bounded by the memory budget (as BackPACK
+does), never through the rest of the network.
 
 The forward pass is recorded with a ``TorchFunctionMode``, which sees every
 torch function that reads a view of the flat parameter vector.  An entry read
 exactly once, by a recognized op, takes this route; every other entry that is
-read at all (convolution kernels, norms, embeddings, tied weights, ...) goes
-through the generic per-sample route, restricted to those entries.  Nothing
-depends on a list of layers: unrecognized reads are merely slower.  As a
-guard against reads the mode cannot see (an extension op handed a parameter
-directly), the gradient of ``⟨z, Σ_k u_k⟩`` is compared with what the
-recorded ops imply; entries where they disagree go the generic route too.
+read at all (embeddings, tied weights, ops inside fused composites such as
+``F.multi_head_attention_forward``, ...) goes through the generic per-sample
+route, restricted to those entries.  Nothing depends on a list of layers:
+unrecognized reads are merely slower.  Two guards keep the result exact:
+
+- which axis of an op's output holds the samples is found, not assumed: a
+  cotangent weighted by a random factor per sample must give the op's
+  cotangent weighted by the same factors along that axis (a linear layer
+  applied to a ``(T·N, D)`` reshape of a batch, or to a ``(T, N, D)`` layout,
+  has rows that are not samples); an op where no axis passes goes the
+  generic route;
+- against reads the mode cannot see (an extension op handed a parameter
+  directly), the gradient of ``⟨z, Σ_k u_k⟩`` is compared with what the
+  recorded ops imply; entries where they disagree go the generic route too.
 """
 
 from __future__ import annotations
@@ -32,9 +52,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 Squares = Callable[[torch.Tensor, Any, Callable[[torch.Tensor], torch.Tensor], int], torch.Tensor]
+Layout = tuple[int, int]
+"""``(A, B)``: the leading axes of an op's output, flattened, read as ``(A, N, B)`` with the samples in the middle."""
 
 
 def tree_leaves(obj: Any) -> list[Any]:
@@ -61,16 +84,203 @@ def _existing(*names: str) -> set[Any]:
 _LINEAR = _existing("nn.functional.linear", "_C._nn.linear")
 _MATMUL = _existing("matmul", "mm", "Tensor.matmul", "Tensor.__matmul__", "Tensor.mm")
 _ADD = _existing("add", "Tensor.add", "Tensor.__add__", "Tensor.__radd__")
+# F.conv{1,2,3}d are the same objects as torch.conv{1,2,3}d.
+_CONV = _existing("conv1d", "conv2d", "conv3d", "nn.functional.conv1d", "nn.functional.conv2d", "nn.functional.conv3d")
+_BATCH_NORM = _existing("nn.functional.batch_norm")
+_LAYER_NORM = _existing("nn.functional.layer_norm")
 
 
-@dataclass
+def _bind(names: tuple[str, ...], args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Positional and keyword arguments by parameter name (missing ones are absent)."""
+    return dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
+
+
+# ----------------------------------------------------------------------
+# Recognized uses: per-sample products from the cotangent at the output
+# ----------------------------------------------------------------------
+@dataclass(eq=False)
 class _Use:
-    """One recognized read: ``kind`` is ``"linear"`` (``y = a Wᵀ``), ``"right"`` (``y = a B``) or ``"bias"``."""
+    """One recognized read of the parameter view ``alias`` by an op with output ``out``.
 
-    kind: str
+    ``out`` is ``(*leading, *features)`` with ``lead`` leading axes, among
+    which the samples are (the rest are positions a sample's product sums
+    over).  :meth:`products` gives the per-sample products of ``alias`` for a
+    slice of samples from the cotangents ``δ`` at ``out``.
+    """
+
     alias: torch.Tensor
     out: torch.Tensor
-    a: torch.Tensor | None = None
+    lead: int
+
+    def samples(self, delta: torch.Tensor, layout: Layout, n0: int, n1: int) -> torch.Tensor:
+        """``δ`` (``(k, *out.shape)``) as ``(k, A, n1 - n0, B, *features)`` for samples ``n0:n1``."""
+        A, B = layout
+        rows = delta.reshape((delta.shape[0], A, -1, B) + tuple(self.out.shape[self.lead :]))
+        return rows[:, :, n0:n1]
+
+    def products(self, delta: torch.Tensor, layout: Layout, n0: int, n1: int) -> torch.Tensor:
+        """Per-sample products ``(k, n1 - n0, *alias.shape)`` of samples ``n0:n1``."""
+        raise NotImplementedError
+
+    def sample_bytes(self, k: int) -> int:
+        """Bytes that :meth:`products` holds per sample for ``k`` cotangents (result and temporaries)."""
+        return 2 * k * self.alias.numel() * self.alias.element_size()
+
+    def square_sums(
+        self, delta: torch.Tensor, layout: Layout, per_cotangent: bool, budget: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``Σ_n`` of the squared products (``(k, *alias.shape)`` or ``alias.shape``) and ``Σ_k Σ_n`` of the products.
+
+        The second is the gradient the op implies for the summed cotangents,
+        checked against autograd's (``None`` where :func:`_first_moment_agrees`
+        checks it from the cotangent sums instead).  Samples and cotangents
+        are taken in chunks of at most ``budget`` bytes of products.
+        """
+        K, N = delta.shape[0], self.out.numel() // (layout[0] * layout[1] * _features(self))
+        k_chunk = int(max(1, min(K, budget // max(self.sample_bytes(1), 1))))
+        n_chunk = int(max(1, min(N, budget // max(self.sample_bytes(k_chunk), 1))))
+        squares, first = [], None
+        for k0 in range(0, K, k_chunk):
+            part = None
+            for n0 in range(0, N, n_chunk):
+                g = self.products(delta[k0 : k0 + k_chunk], layout, n0, min(n0 + n_chunk, N))
+                s = (g * g).sum(1)
+                part = s if part is None else part + s
+                m = g.sum((0, 1))
+                first = m if first is None else first + m
+            squares.append(part)
+        sq = torch.cat(squares) if per_cotangent else sum(p.sum(0) for p in squares)
+        return sq, first
+
+
+def _features(use: _Use) -> int:
+    return math.prod(use.out.shape[use.lead :])
+
+
+@dataclass(eq=False)
+class _Matmul(_Use):
+    """``y = a Wᵀ`` (``W`` the alias, ``(out, in)``) or, with ``right``, ``y = a B`` (``B`` ``(in, out)``)."""
+
+    a: torch.Tensor = None  # type: ignore[assignment]
+    right: bool = False
+
+    def products(self, delta: torch.Tensor, layout: Layout, n0: int, n1: int) -> torch.Tensor:
+        A, B = layout
+        a = self.a.reshape(A, -1, B, self.a.shape[-1])[:, n0:n1]
+        d = self.samples(delta, layout, n0, n1)
+        return torch.einsum("kanbo,anbi->knio" if self.right else "kanbo,anbi->knoi", d, a)
+
+    def square_sums(
+        self, delta: torch.Tensor, layout: Layout, per_cotangent: bool, budget: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if layout != (1, 1):
+            return super().square_sums(delta, layout, per_cotangent, budget)
+        # One row per sample: Σ_n (δ_n a_nᵀ)² = (δ²)ᵀ (a²), no per-sample product formed.
+        d2 = (delta * delta).reshape(delta.shape[0], -1, delta.shape[-1])  # (K, N, out)
+        a2 = (self.a * self.a).reshape(d2.shape[1], -1)  # (N, in)
+        if self.right:  # B is (in, out)
+            sq = torch.einsum("ni,kno->kio", a2, d2) if per_cotangent else a2.T @ d2.sum(0)
+        else:  # W is (out, in)
+            sq = torch.einsum("kno,ni->koi", d2, a2) if per_cotangent else d2.sum(0).T @ a2
+        return sq, None
+
+
+@dataclass(eq=False)
+class _Shift(_Use):
+    """A shift broadcast over the leading axes of ``out``, optionally scaling a normalized input ``xhat`` first.
+
+    The product is ``Σ_t δ_nt`` (shift) or ``Σ_t δ_nt x̂_nt`` (scale, ``xhat``
+    given) over the positions ``t`` of sample ``n``: linear and added biases,
+    layer norms' weights and biases.
+    """
+
+    xhat: Callable[[], torch.Tensor] | None = None
+
+    def products(self, delta: torch.Tensor, layout: Layout, n0: int, n1: int) -> torch.Tensor:
+        d = self.samples(delta, layout, n0, n1)
+        if self.xhat is not None:
+            A, B = layout
+            d = d * self.xhat().reshape((A, -1, B) + tuple(self.out.shape[self.lead :]))[:, n0:n1]
+        return d.sum((1, 3))
+
+
+@dataclass(eq=False)
+class _Channel(_Use):
+    """A per-channel shift (conv bias, batch-norm bias) or scale of ``xhat`` (batch-norm weight) on ``(N, C, ...)``."""
+
+    xhat: Callable[[], torch.Tensor] | None = None
+
+    def products(self, delta: torch.Tensor, layout: Layout, n0: int, n1: int) -> torch.Tensor:
+        d = delta[:, n0:n1]
+        if self.xhat is not None:
+            d = d * self.xhat()[n0:n1]
+        return d.sum(tuple(range(3, d.dim()))) if d.dim() > 3 else d
+
+
+@dataclass(eq=False)
+class _Conv(_Use):
+    """The kernel ``W`` (``(C_out, C_in / groups, *kernel)``) of ``y = conv(x, W)`` with ``x`` ``(N, C_in, *size)``."""
+
+    x: torch.Tensor = None  # type: ignore[assignment]
+    stride: tuple[int, ...] = ()
+    pads: tuple[tuple[int, int], ...] = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+
+    def patches(self, n0: int, n1: int) -> torch.Tensor:
+        """The input windows of samples ``n0:n1``, ``(n, C_in, *out_size, *kernel)``: a view of the padded input."""
+        x = self.x[n0:n1]
+        if any(p for pair in self.pads for p in pair):
+            x = F.pad(x, [p for pair in reversed(self.pads) for p in pair])  # F.pad lists the last axis first
+        ks = self.alias.shape[2:]
+        for i, (k, s, d) in enumerate(zip(ks, self.stride, self.dilation)):
+            x = x.unfold(2 + i, d * (k - 1) + 1, s)  # appends the window axis; the spatial axes keep their place
+        if any(d > 1 for d in self.dilation):
+            x = x[(Ellipsis,) + tuple(slice(None, None, d) for d in self.dilation)]
+        return x
+
+    def products(self, delta: torch.Tensor, layout: Layout, n0: int, n1: int) -> torch.Tensor:
+        spatial = self.alias.dim() - 2
+        o, kern = "xyz"[:spatial], "uvw"[:spatial]
+        p = self.patches(n0, n1)
+        n, c_in = p.shape[:2]
+        G = self.groups
+        p = p.reshape((n, G, c_in // G) + tuple(p.shape[2:]))
+        d = delta[:, n0:n1]
+        d = d.reshape(d.shape[:2] + (G, d.shape[2] // G) + tuple(d.shape[3:]))
+        g = torch.einsum(f"kngo{o},ngc{o}{kern}->kngoc{kern}", d, p)
+        return g.reshape((g.shape[0], n) + tuple(self.alias.shape))
+
+    def sample_bytes(self, k: int) -> int:
+        item = self.alias.element_size()
+        windows = self.x.shape[1] * math.prod(self.out.shape[2:]) * math.prod(self.alias.shape[2:])
+        # Products and their squares, the gathered windows, and δ rearranged for the batched product.
+        return (2 * k * self.alias.numel() + windows + k * math.prod(self.out.shape[1:])) * item
+
+
+def _conv_pads(padding: Any, kernel: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[tuple[int, int], ...] | None:
+    """``(before, after)`` zero padding per spatial axis, as the convolution applies it."""
+    spatial = len(kernel)
+    if isinstance(padding, str):
+        if padding == "valid":
+            return ((0, 0),) * spatial
+        if padding == "same":  # ATen pads total // 2 before and the rest after
+            totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
+            return tuple((t // 2, t - t // 2) for t in totals)
+        return None
+    p = _ints(padding, spatial)
+    return None if p is None else tuple((q, q) for q in p)
+
+
+def _ints(value: Any, n: int) -> tuple[int, ...] | None:
+    """An int or a sequence of ``n`` ints as a tuple of ``n`` ints (``None`` for anything else)."""
+    if isinstance(value, int):
+        return (value,) * n
+    if isinstance(value, (tuple, list)) and len(value) == n and all(isinstance(v, int) for v in value):
+        return tuple(value)
+    if isinstance(value, (tuple, list)) and len(value) == 1 and isinstance(value[0], int):
+        return (value[0],) * n
+    return None
 
 
 class _Recorder(TorchFunctionMode):
@@ -113,42 +323,118 @@ class _Recorder(TorchFunctionMode):
 
     def _recognize(self, func: Any, args: tuple, kwargs: dict, out: Any) -> list[_Use]:
         # Only ops on the autograd graph (not, say, inside a custom Function's forward) have a δ.
-        if not isinstance(out, torch.Tensor) or out.dim() != 2 or not out.requires_grad:
+        if not isinstance(out, torch.Tensor) or out.dim() < 1 or not out.requires_grad:
             return []
         if func in _LINEAR:
-            names = ("input", "weight", "bias")
-            bound = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
+            bound = _bind(("input", "weight", "bias"), args, kwargs)
             a, W, b = bound.get("input"), bound.get("weight"), bound.get("bias")
-            if not self._rows(a):
+            if not self._data(a):
                 return []
-            uses = []
+            lead = out.dim() - 1
+            uses: list[_Use] = []
             if self.is_alias(W) and W.dim() == 2 and _one_to_one(W):
-                uses.append(_Use("linear", W, out, a))
+                uses.append(_Matmul(W, out, lead, a=a.detach()))
             if self.is_alias(b) and b.dim() == 1 and _one_to_one(b):
-                uses.append(_Use("bias", b, out))
+                uses.append(_Shift(b, out, lead))
             return uses
+        if func in _CONV:
+            return self._conv(args, kwargs, out)
+        if func in _BATCH_NORM:
+            return self._batch_norm(args, kwargs, out)
+        if func in _LAYER_NORM:
+            return self._layer_norm(args, kwargs, out)
         if kwargs or len(args) != 2:
             return []
         if func in _MATMUL:
             a, B = args
-            if self._rows(a) and self.is_alias(B) and B.dim() == 2 and _one_to_one(B):
-                return [_Use("right", B, out, a)]
+            if self._data(a) and self.is_alias(B) and B.dim() == 2 and a.dim() >= 1 and _one_to_one(B):
+                return [_Matmul(B, out, out.dim() - 1, a=a.detach(), right=True)]
         if func in _ADD:
             h, b = args if self.is_alias(args[1]) else args[::-1]
             if (
-                self._rows(h)
+                self._data(h)
                 and self.is_alias(b)
-                and b.dim() == 1
+                and 1 <= b.dim() <= h.dim()
                 and tuple(out.shape) == tuple(h.shape)
-                and b.shape[0] == h.shape[1]
+                and tuple(h.shape[h.dim() - b.dim() :]) == tuple(b.shape)
                 and _one_to_one(b)
             ):
-                return [_Use("bias", b, out)]
+                return [_Shift(b, out, out.dim() - b.dim())]
         return []
 
-    def _rows(self, a: Any) -> bool:
-        """A matrix of one row per sample that is not itself a view of the parameters."""
-        return isinstance(a, torch.Tensor) and a.dim() == 2 and not self.is_alias(a)
+    def _conv(self, args: tuple, kwargs: dict, out: torch.Tensor) -> list[_Use]:
+        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+        bound = _bind(names, args, kwargs)
+        x, W, b = bound.get("input"), bound.get("weight"), bound.get("bias")
+        if not (self._data(x) and isinstance(W, torch.Tensor) and x.dim() == W.dim() == out.dim() >= 3):
+            return []  # an unbatched input has no sample axis
+        spatial = W.dim() - 2
+        stride = _ints(bound.get("stride", 1), spatial)
+        dilation = _ints(bound.get("dilation", 1), spatial)
+        groups = bound.get("groups", 1)
+        pads = None if dilation is None else _conv_pads(bound.get("padding", 0), tuple(W.shape[2:]), dilation)
+        if stride is None or pads is None or not isinstance(groups, int):
+            return []
+        uses: list[_Use] = []
+        if self.is_alias(W) and W.is_contiguous():
+            uses.append(_Conv(W, out, 1, x=x.detach(), stride=stride, pads=pads, dilation=dilation, groups=groups))
+        if self.is_alias(b) and b.dim() == 1 and _one_to_one(b):
+            uses.append(_Channel(b, out, 1))
+        return uses
+
+    def _batch_norm(self, args: tuple, kwargs: dict, out: torch.Tensor) -> list[_Use]:
+        names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+        bound = _bind(names, args, kwargs)
+        x, mean, var = bound.get("input"), bound.get("running_mean"), bound.get("running_var")
+        # With batch statistics the samples interact (the core never gets here then); only running ones.
+        if bound.get("training", False) is not False or not self._data(x) or x.dim() < 2:
+            return []
+        if not (self._data(mean) and self._data(var)):
+            return []
+        eps = float(bound.get("eps", 1e-5))
+        x, mean, var = x.detach(), mean.detach(), var.detach()
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        xhat = _Lazy(lambda: (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + eps))
+        uses: list[_Use] = []
+        W, b = bound.get("weight"), bound.get("bias")
+        if self.is_alias(W) and W.dim() == 1 and _one_to_one(W):
+            uses.append(_Channel(W, out, 1, xhat=xhat))
+        if self.is_alias(b) and b.dim() == 1 and _one_to_one(b):
+            uses.append(_Channel(b, out, 1))
+        return uses
+
+    def _layer_norm(self, args: tuple, kwargs: dict, out: torch.Tensor) -> list[_Use]:
+        bound = _bind(("input", "normalized_shape", "weight", "bias", "eps"), args, kwargs)
+        x, shape = bound.get("input"), bound.get("normalized_shape")
+        if not self._data(x) or not isinstance(shape, (int, tuple, list, torch.Size)):
+            return []
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        eps = float(bound.get("eps", 1e-5))
+        x = x.detach()
+        xhat = _Lazy(lambda: F.layer_norm(x, shape, None, None, eps))
+        lead = out.dim() - len(shape)
+        uses: list[_Use] = []
+        for key, scale in (("weight", xhat), ("bias", None)):
+            t = bound.get(key)
+            if self.is_alias(t) and tuple(t.shape) == shape and t.is_contiguous():
+                uses.append(_Shift(t, out, lead, xhat=scale))
+        return uses
+
+    def _data(self, a: Any) -> bool:
+        """A tensor that is not itself a view of the parameters."""
+        return isinstance(a, torch.Tensor) and not self.is_alias(a)
+
+
+class _Lazy:
+    """A tensor computed on first call and kept (normalized inputs, needed only if the use is kept)."""
+
+    def __init__(self, make: Callable[[], torch.Tensor]) -> None:
+        self._make, self._value = make, None
+
+    def __call__(self) -> torch.Tensor:
+        if self._value is None:
+            self._value = self._make()
+        return self._value
 
 
 def _one_to_one(t: torch.Tensor) -> bool:
@@ -185,33 +471,54 @@ def _batched_grads(z: torch.Tensor, outs: list[torch.Tensor], cotangents: torch.
     return [None if rows[0][i] is None else torch.stack([r[i] for r in rows]) for i in range(len(outs))]
 
 
-def _square_sums(use: _Use, delta: torch.Tensor, per_cotangent: bool) -> torch.Tensor:
-    """``Σ_n`` of the squared per-sample products of one use, shaped like its view (with ``K`` first if asked)."""
-    d2 = delta * delta  # (K, N, out)
-    if use.kind == "bias":
-        return d2.sum(1) if per_cotangent else d2.sum((0, 1))
-    a2 = use.a.detach() ** 2  # (N, in)
-    if use.kind == "linear":  # W is (out, in)
-        return torch.einsum("kno,ni->koi", d2, a2) if per_cotangent else d2.sum(0).T @ a2
-    return torch.einsum("ni,kno->kio", a2, d2) if per_cotangent else a2.T @ d2.sum(0)  # B is (in, out)
+def _close(actual: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Agreement up to rounding: ``10 √ε`` of the larger magnitude (both sides come from different op orders)."""
+    scale = max(float(expected.abs().max()), float(actual.abs().max()), 1e-30) if expected.numel() else 1.0
+    tol = 10.0 * math.sqrt(torch.finfo(expected.dtype).eps) * scale
+    return bool((expected - actual).abs().max() <= tol) if expected.numel() else True
 
 
-def _first_moment_agrees(use: _Use, delta_sum: torch.Tensor, grad: torch.Tensor) -> bool:
-    """Whether the gradient of ``⟨z, Σ_k u_k⟩`` on this view (``grad``) is what the recorded op implies.
+def _layout(
+    out: torch.Tensor, lead: int, n: int, delta: torch.Tensor, weighted: torch.Tensor, c: torch.Tensor
+) -> Layout | None:
+    """Where the samples are among the leading axes of ``out``, or ``None`` if nowhere.
+
+    ``delta`` is the cotangent at ``out`` of some ``u`` (the samples of ``z``
+    on axis 0), ``weighted`` that of ``u`` with sample ``n`` scaled by
+    ``c[n]``.  A reading ``(A, N, B)`` of the flattened leading axes is right
+    if ``weighted`` is ``delta`` scaled by ``c`` along its middle axis: then
+    every position of that index belongs to that sample alone.  Readings are
+    tried sample-major first (``A = 1``), then sample-minor (``B = 1``), then
+    splits at the other leading axes.
+    """
+    leading = tuple(out.shape[:lead])
+    M = math.prod(leading)
+    if n == 0 or M % n:
+        return None
+    candidates = [M // n, 1] + [math.prod(leading[i:]) for i in range(1, lead)]
+    features = math.prod(out.shape[lead:])
+    for B in dict.fromkeys(candidates):
+        if (M // B) % n:
+            continue
+        A = M // (n * B)
+        d = delta.reshape(A, n, B, features)
+        if _close(weighted.reshape(A, n, B, features), d * c.reshape(1, n, 1, 1)):
+            return A, B
+    return None
+
+
+def _first_moment_agrees(use: _Matmul, delta_sum: torch.Tensor, grad: torch.Tensor) -> bool:
+    """Whether the gradient of ``⟨z, Σ_k u_k⟩`` on a row-per-sample matrix product's view is what the op implies.
 
     Compared along a fixed direction of the output axis, so the check costs
     products with vectors only.
     """
-    if use.kind == "bias":
-        expected, actual = delta_sum.sum(0), grad
-    else:
-        r = torch.cos(torch.arange(delta_sum.shape[1], dtype=delta_sum.dtype, device=delta_sum.device) * 1.7 + 0.3)
-        a = use.a.detach()
-        # The gradient of W (linear) is δᵀa, that of B (right) aᵀδ.
-        expected, actual = a.T @ (delta_sum @ r), (grad.T @ r if use.kind == "linear" else grad @ r)
-    scale = max(float(expected.abs().max()), float(actual.abs().max()), 1e-30)
-    tol = 10.0 * math.sqrt(torch.finfo(expected.dtype).eps) * scale
-    return bool((expected - actual).abs().max() <= tol)
+    d = delta_sum.reshape(-1, delta_sum.shape[-1])
+    a = use.a.reshape(d.shape[0], -1)
+    r = torch.cos(torch.arange(d.shape[1], dtype=d.dtype, device=d.device) * 1.7 + 0.3)
+    # The gradient of W (y = a Wᵀ) is δᵀa, that of B (y = a B) aᵀδ.
+    expected, actual = a.T @ (d @ r), (grad @ r if use.right else grad.T @ r)
+    return _close(actual, expected)
 
 
 def per_sample_squares(
@@ -231,10 +538,10 @@ def per_sample_squares(
         recorder = _Recorder(flat)
         with torch.enable_grad(), recorder:
             z = f(flat, x)
-        if not recorder.uses or not z.requires_grad:
+        if not recorder.uses or not z.requires_grad or z.dim() < 1:
             return whole(w, x, cotangents, memory_budget)
         U = cotangents(z.detach())
-        K, P = U.shape[0], flat.numel()
+        K, N, P = U.shape[0], z.shape[0], flat.numel()
         fast_reads = torch.zeros(P, dtype=torch.int32, device=flat.device)
         other_reads = torch.zeros(P, dtype=torch.int32, device=flat.device)
         for use in recorder.uses:
@@ -247,21 +554,42 @@ def per_sample_squares(
         position = {id(o): i for i, o in enumerate(outs)}
         per_cot = sum(o.numel() for o in outs) * outs[0].element_size()  # δ of one cotangent
         k_chunk = int(max(1, min(K, memory_budget // max(per_cot, 1))))
+        # One factor per sample for the layout check, the same on every call (in [1, 2): never zero).
+        gen = torch.Generator().manual_seed(0)
+        c = (1.0 + torch.rand(N, generator=gen, dtype=torch.float64)).to(dtype=U.dtype, device=U.device)
         result = torch.zeros((K, P) if per_cotangent else (P,), dtype=flat.dtype, device=flat.device)
+        layouts: dict[tuple[int, int], Layout | None] = {}
         delta_sums: list[torch.Tensor | None] = [None] * len(outs)
+        firsts: dict[int, torch.Tensor | None] = {}
         for k0 in range(0, K, k_chunk):
             k1 = min(k0 + k_chunk, K)
-            deltas = _batched_grads(z, outs, U[k0:k1])
+            rows = U[k0:k1]
+            if k0 == 0:  # one more row: these cotangents summed, weighted per sample, for the layout check
+                weights = c.reshape((N,) + (1,) * (U.dim() - 2))
+                rows = torch.cat([rows, (rows.sum(0) * weights)[None]])
+            deltas = _batched_grads(z, outs, rows)
+            if k0 == 0:
+                weighted = [None if d is None else d[-1] for d in deltas]
+                deltas = [None if d is None else d[:-1] for d in deltas]
+                for use in recorder.uses:
+                    i, key = position[id(use.out)], (id(use.out), use.lead)
+                    if key not in layouts and deltas[i] is not None:
+                        layouts[key] = _layout(use.out, use.lead, N, deltas[i].sum(0), weighted[i], c)
+                del weighted
             for i, d in enumerate(deltas):
                 if d is not None:
                     delta_sums[i] = d.sum(0) if delta_sums[i] is None else delta_sums[i] + d.sum(0)
             for use in recorder.uses:
                 d = deltas[position[id(use.out)]]
-                if d is None:
+                layout = layouts.get((id(use.out), use.lead))
+                if d is None or layout is None:
                     continue
+                part, first = use.square_sums(d, layout, per_cotangent, memory_budget)
+                if first is not None:
+                    firsts[id(use)] = first if id(use) not in firsts else firsts[id(use)] + first
                 keep = _like(fast, use.alias, flat)
-                part = _square_sums(use, d, per_cotangent) * keep
-                _like(result[k0:k1] if per_cotangent else result, use.alias, flat).add_(part)
+                _like(result[k0:k1] if per_cotangent else result, use.alias, flat).add_(part * keep)
+            del deltas
 
         # Guard: the summed cotangent's gradient must match the recorded ops on every fast entry,
         # and vanish on every entry no op was seen to read.
@@ -272,8 +600,16 @@ def per_sample_squares(
         slow |= unread & (grad != 0)
         for use in recorder.uses:
             d, g = delta_sums[position[id(use.out)]], _like(grad, use.alias, flat)
-            # An op whose output does not reach z implies a zero gradient on its entries.
-            if not (bool((g == 0).all()) if d is None else _first_moment_agrees(use, d, g)):
+            layout = layouts.get((id(use.out), use.lead))
+            if d is None:  # an op whose output does not reach z implies a zero gradient on its entries
+                agrees = bool((g == 0).all())
+            elif layout is None:  # no axis of the output holds the samples
+                agrees = False
+            elif id(use) in firsts:
+                agrees = _close(g, firsts[id(use)])
+            else:
+                agrees = _first_moment_agrees(use, d, g)
+            if not agrees:
                 _like(slow, use.alias, flat).fill_(True)
                 _like(result, use.alias, flat).fill_(0)
         del z, recorder

@@ -1,8 +1,20 @@
 """Exact and Monte Carlo GGN diagonals of real PyTorch models against per-sample Jacobians from plain autograd.
 
 The PyTorch backend takes a recorded route for parameters read once by a
-matrix product with one row per sample and the generic per-sample route for
-everything else; these models mix both, and the oracle knows neither.
+recognized op (matrix products, added biases, convolutions, inference-mode
+batch norms, layer norms) and the generic per-sample route for everything
+else; these models mix both, and the oracles know neither: the oldest tests
+build ``J_nᵀ S_n`` from per-sample Jacobians and the analytic square root of
+the loss's Hessian, the newer ones ``diag(Jᵀ H J)`` from the Jacobian of the
+whole batch (``torch.func.jacrev``) and the Hessian of the PyTorch loss
+itself (``torch.autograd.functional.hessian``), which assumes neither the
+samples' independence nor any square root.
+
+Tolerances: in float64 the two sides differ by rounding in sums of at most a
+few thousand terms (≲ 1e-13 relative); ``rtol=1e-10`` leaves room for that
+and still fails on any wrong formula, which is off by O(1).  ``atol`` is set
+relative to the largest entry for entries that vanish (dead ReLUs, unused
+parameters).
 """
 
 from __future__ import annotations
@@ -10,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import multihess as mh
@@ -191,3 +204,232 @@ def test_float32_model_matches_the_float64_oracle() -> None:
     roots, _ = oracle_roots(model64, x.double(), "cross_entropy")
     expected = np.einsum("nkp,nkp->p", roots, roots)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * expected.max())
+
+
+# ----------------------------------------------------------------------
+# Convolutions, batch and layer norms, and layouts whose rows are not samples
+# ----------------------------------------------------------------------
+def whole_batch_diagonal(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str) -> np.ndarray:
+    """``diag(Jᵀ H J)``, ``J`` the Jacobian of the whole batch's outputs, ``H`` the torch loss's Hessian in them."""
+    named = [(n, p) for n, p in model.named_parameters()]
+    w0 = torch.cat([p.detach().reshape(-1) for _, p in named])
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+
+    def outputs(w: torch.Tensor) -> torch.Tensor:
+        parts = torch.split(w, [p.numel() for _, p in named])
+        params = {n: t.view(p.shape) for (n, p), t in zip(named, parts)}
+        return torch.func.functional_call(model, {**params, **buffers}, (x,))
+
+    z = outputs(w0).detach()
+    J = torch.func.jacrev(outputs)(w0).reshape(z.numel(), -1)
+    lossf = F.cross_entropy if loss == "cross_entropy" else F.mse_loss
+    H = torch.autograd.functional.hessian(lambda q: lossf(q, y), z).reshape(z.numel(), z.numel())
+    return torch.einsum("ip,ij,jp->p", J, H, J).numpy()
+
+
+class ConvNet(nn.Module):
+    """One convolution (any dimension and settings), tanh, and a linear head on the flattened map."""
+
+    def __init__(self, conv: nn.Module, size: tuple[int, ...], classes: int = 3) -> None:
+        super().__init__()
+        self.conv = conv
+        with torch.no_grad():
+            flat = conv(torch.zeros((1, conv.in_channels) + size)).numel()
+        self.head = nn.Linear(flat, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.conv(x)).flatten(1))
+
+
+CONVS = {
+    "2d": lambda: nn.Conv2d(4, 6, 3),
+    "2d_stride_pad_nobias": lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=False),
+    "2d_dilation_groups": lambda: nn.Conv2d(4, 6, (3, 2), padding=2, dilation=(2, 1), groups=2),
+    "2d_same_even_kernel": lambda: nn.Conv2d(4, 6, (2, 3), padding="same", dilation=(1, 2)),
+    "2d_valid": lambda: nn.Conv2d(4, 2, 2, padding="valid", bias=False),
+    "2d_reflect_stride": lambda: nn.Conv2d(4, 6, 3, stride=(2, 1), padding=1, padding_mode="reflect", groups=2),
+    "2d_depthwise": lambda: nn.Conv2d(4, 8, 3, padding=1, groups=4),
+    "1d": lambda: nn.Conv1d(4, 6, 3, stride=2, padding=3, dilation=2, groups=2),
+    "1d_nobias": lambda: nn.Conv1d(4, 5, 4, bias=False),
+    "3d": lambda: nn.Conv3d(2, 3, 2, stride=(1, 2, 1), padding=1),
+}
+SIZES = {"1": (11,), "2": (7, 6), "3": (4, 4, 3)}
+
+
+class ResidualNet(nn.Module):
+    """A ResNet-style block in inference mode: conv-BN-ReLU twice, a strided 1×1 skip with BN, pooling, BN1d, head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=False)
+        self.b1 = nn.BatchNorm2d(4)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.b2 = nn.BatchNorm2d(4)
+        self.skip = nn.Sequential(nn.Conv2d(3, 4, 1, stride=2, bias=False), nn.BatchNorm2d(4))
+        self.fc = nn.Linear(4, 5)
+        self.b3 = nn.BatchNorm1d(5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.b1(self.c1(x)))
+        h = torch.relu(self.b2(self.c2(h)) + self.skip(x))
+        return self.head(torch.tanh(self.b3(self.fc(h.mean((2, 3))))))
+
+
+def lenet() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(3, 4, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4 * 2 * 2, 6),
+        nn.ReLU(),
+        nn.Linear(6, 3),
+    )
+
+
+class Layouts(nn.Module):
+    """Linear layers, a layer norm, a right product and an added bias on sequences, with the samples in every place.
+
+    Positions after the samples ``(N, T, D)``; samples after the positions
+    ``(T, N, D)`` (attention's internal layout; with ``T == N`` the shape
+    alone cannot tell which axis holds the samples); and both flattened to
+    rows ``(N·T, D)`` and ``(T·N, D)``, where a row is not a sample.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, 4)
+        self.norm = nn.LayerNorm(4)
+        self.mix = nn.Linear(4, 4)
+        self.rows = nn.Linear(4, 4)
+        self.cols = nn.Linear(4, 4)
+        self.B = nn.Parameter(torch.randn(4, 4) / 2)
+        self.b = nn.Parameter(torch.randn(4))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        N, T = x.shape[:2]
+        h = torch.tanh(self.norm(self.inp(x)))  # (N, T, 4)
+        h = torch.tanh(self.mix(h.transpose(0, 1))).transpose(0, 1)  # (T, N, 4) inside
+        h = torch.tanh(self.rows(h.reshape(N * T, 4))).reshape(N, T, 4)  # sample-major rows
+        h = torch.tanh(self.cols(h.transpose(0, 1).reshape(T * N, 4))).reshape(T, N, 4).transpose(0, 1)
+        h = torch.tanh(h @ self.B + self.b)
+        return self.head(h.mean(1))
+
+
+def _model(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor, str]:
+    """A float64 model in inference mode with its inputs, targets and loss."""
+    torch.manual_seed(0)
+    loss = "cross_entropy"
+    if name.startswith("conv"):
+        conv = CONVS[name[len("conv") :]]()
+        size = SIZES[name[len("conv")]]
+        model, (x, y) = ConvNet(conv, size), _data((5, conv.in_channels) + size, 3)
+    elif name == "residual_bn_eval":
+        model, (x, y) = ResidualNet(), _data((6, 3, 6, 6), 3)
+        with torch.no_grad():  # running statistics and affine parameters away from their initial 0, 1
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.running_mean.uniform_(-0.5, 0.5)
+                    m.running_var.uniform_(0.5, 2.0)
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.5, 0.5)
+    elif name == "lenet":
+        model, (x, y) = lenet(), _data((4, 1, 12, 12), 3)
+    elif name == "layouts":
+        model, (x, y) = Layouts(), _data((5, 5, 3), 3)  # T == N
+    elif name == "layouts_mse":
+        loss = "mse"
+        model, (x, _) = Layouts(), _data((4, 6, 3), 3)
+        y = torch.randn(4, 3, dtype=torch.float64)
+    elif name == "tied_conv":
+        model, (x, y) = TiedConv(), _data((5, 2, 9), 3)
+    else:
+        raise ValueError(name)
+    return model.double().eval(), x, y, loss
+
+
+class TiedConv(nn.Module):
+    """One convolution applied twice (its kernel and bias are each read twice) and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, 2, 3, padding=1)
+        self.head = nn.Linear(2 * 9, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.conv(torch.tanh(self.conv(x)))).flatten(1))
+
+
+@pytest.fixture
+def generic_entries(monkeypatch) -> list[int]:
+    """The number of entries each call of the generic per-sample route is asked for, through the backend's hook."""
+    calls: list[int] = []
+    original = torch_per_sample.per_sample_squares
+
+    def spied(f, per_cotangent, generic):
+        def counting(g, pc):
+            inner = generic(g, pc)
+
+            def squares(w, x, cotangents, budget):
+                calls.append(int(w.numel()))
+                return inner(w, x, cotangents, budget)
+
+            return squares
+
+        return original(f, per_cotangent, counting)
+
+    monkeypatch.setattr(torch_per_sample, "per_sample_squares", spied)
+    return calls
+
+
+STRUCTURED = [f"conv{name}" for name in CONVS] + ["residual_bn_eval", "lenet", "layouts", "layouts_mse"]
+
+
+@pytest.mark.parametrize("name", STRUCTURED)
+def test_structured_models_match_the_whole_batch_oracle_without_the_generic_route(name: str, generic_entries) -> None:
+    model, x, y, loss = _model(name)
+    expected = whole_batch_diagonal(model, x, y, loss)
+    got = exact_diagonal(model, x, y, loss)
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12 * expected.max())
+    # Every parameter is read once by a recognized op: none goes through per-sample passes of the network.
+    assert generic_entries == []
+
+
+def test_a_convolution_read_twice_takes_the_generic_route(generic_entries) -> None:
+    model, x, y, loss = _model("tied_conv")
+    expected = whole_batch_diagonal(model, x, y, loss)
+    got = exact_diagonal(model, x, y, loss)
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12 * expected.max())
+    conv = sum(p.numel() for p in model.conv.parameters())
+    assert generic_entries == [conv]  # the tied kernel and bias, and nothing of the head
+
+
+@pytest.mark.parametrize("name", ["conv2d_dilation_groups", "conv3d", "residual_bn_eval", "layouts"])
+@pytest.mark.parametrize("per_cotangent", [False, True])
+def test_squares_of_random_cotangents_in_small_chunks(name: str, per_cotangent: bool, generic_entries) -> None:
+    """``Σ_n (J_nᵀ u_nk)²`` for arbitrary cotangents, per cotangent or summed, with a budget of a few products."""
+    model, x, _, _ = _model(name)
+    named = [(n, p) for n, p in model.named_parameters()]
+    w0 = torch.cat([p.detach().reshape(-1) for _, p in named])
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+
+    def f(w: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+        parts = torch.split(w, [p.numel() for _, p in named])
+        params = {n: t.view(p.shape) for (n, p), t in zip(named, parts)}
+        return torch.func.functional_call(model, {**params, **buffers}, (xs,))
+
+    z = f(w0, x).detach()
+    U = torch.randn((4,) + tuple(z.shape), dtype=torch.float64)
+    J = torch.func.jacrev(lambda w: f(w, x))(w0)  # (N, C, P): sample n's rows are its Jacobian
+    expected = torch.einsum("knc,ncp->knp", U, J).square().sum(1)
+    expected = expected if per_cotangent else expected.sum(0)
+    squares = mh.backends.torch_backend.TorchBackend().per_sample_squares(f, per_cotangent)
+    # 4 kB: a few per-sample products at a time, so every chunk loop runs more than once.
+    got = squares(w0, x, lambda _: U, 4096)
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-10, atol=1e-12 * float(expected.max()))
+    assert generic_entries == []
