@@ -47,6 +47,10 @@ def chain_rule_error(
     params: Any = None,
     reduction: str = "mean",
     backend: str | None = None,
+    batch_fn: Any = None,
+    progress: bool | None = None,
+    cache_data: bool = False,
+    distributed: Any = None,
 ) -> dict[str, ChainRuleResult]:
     """Compare the exact Hessian with the approximate chain rule along a direction, per parameter group.
 
@@ -60,8 +64,9 @@ def chain_rule_error(
 
     Parameters
     ----------
-    model, weights, data, loss, params, reduction, backend
-        As for :func:`hessian`; ``data`` and ``loss`` are required.
+    model, weights, data, loss, params, reduction, backend, batch_fn, progress, cache_data, distributed
+        As for :func:`hessian`; ``data`` and ``loss`` are required.  The
+        gradient, ``Hv`` and ``Gv`` are one pass over the data each.
     direction : flat array or parameter tree, optional
         The direction ``v`` over the selected parameters, in the model's
         framework and dtype; default the gradient of the loss.
@@ -84,7 +89,27 @@ def chain_rule_error(
     >>> errors["all"].relative_error > 1e-6  # across the tanh layer it is not
     True
     """
-    problem, _, _ = build_problem(model, weights, data, loss, params, None, reduction, backend, True, need_loss=True)
+    problem, _, _ = build_problem(
+        model,
+        weights,
+        data,
+        loss,
+        params,
+        None,
+        reduction,
+        backend,
+        True,
+        need_loss=True,
+        batch_fn=batch_fn,
+        progress=progress,
+        cache_data=cache_data,
+        distributed=distributed,
+    )
+    return chain_rule_errors(problem, direction, groups)
+
+
+def chain_rule_errors(problem: Problem, direction: Any, groups: Any) -> dict[str, ChainRuleResult]:
+    """:func:`chain_rule_error` on a problem already built (shared with the operators of a report)."""
     b, binding = problem.backend, problem.binding
     H, G = HessianOperator(problem), GGNOperator(problem)
     v = _gradient(problem) if direction is None else H._flatten_input(direction)[0]

@@ -12,10 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from ._api import ggn, hessian
-from ._chain_rule_error import ChainRuleResult, chain_rule_error
+from ._chain_rule_error import ChainRuleResult, chain_rule_errors
 from ._checks import check_count
 from ._estimate import Estimate
+from ._ggn import GGNOperator
+from ._hessian import HessianOperator
+from ._problem import build_problem
 from ._spectral import SpectralDensity, eigvalsh, spectral_density
 from ._summary import summary
 from ._trace import trace
@@ -133,6 +135,9 @@ def report(
     out: str | os.PathLike | None = None,
     progress: bool | None = None,
     verbose: bool = True,
+    batch_fn: Any = None,
+    cache_data: bool = False,
+    distributed: Any = None,
 ) -> Report:
     """Tell about a model's curvature in one call: spectrum, traces, per-layer blocks, chain-rule error.
 
@@ -149,8 +154,10 @@ def report(
 
     Parameters
     ----------
-    model, weights, data, loss, params, reduction, backend
-        As for :func:`hessian`; ``data`` and ``loss`` are required.
+    model, weights, data, loss, params, reduction, backend, batch_fn, cache_data, distributed
+        As for :func:`hessian`; ``data`` and ``loss`` are required.  ``H``,
+        ``G`` and the chain-rule error share one problem, so a one-shot
+        iterator with ``cache_data=True`` is read once.
     groups : dict or list, optional
         Parameter groups, as for :func:`summary`; default one per layer.
     k : int
@@ -169,7 +176,8 @@ def report(
         ``density.png`` and ``layers.png`` into (created if missing).
     progress : bool, optional
         Show progress: a tqdm bar when tqdm is installed, else a line per stage
-        on stderr.  Default: on when tqdm is installed.
+        on stderr.  Default: on when tqdm is installed.  Also passed to the
+        operators (bars over passes and batches; ``False`` silences them).
     verbose : bool
         Print the table.
 
@@ -196,9 +204,24 @@ def report(
     if progress is not None and not isinstance(progress, bool):
         raise TypeError(f"progress must be True, False or None (automatic), got {type(progress).__name__}")
 
-    common = dict(data=data, loss=loss, params=params, reduction=reduction, backend=backend)
-    H = hessian(model, weights, **common)
-    G = ggn(model, weights, **common)
+    # One problem for H, G and the chain-rule error: the data source is opened (or cached) once.
+    problem, _, _ = build_problem(
+        model,
+        weights,
+        data,
+        loss,
+        params,
+        None,
+        reduction,
+        backend,
+        True,
+        need_loss=True,
+        batch_fn=batch_fn,
+        progress=progress,
+        cache_data=cache_data,
+        distributed=distributed,
+    )
+    H, G = HessianOperator(problem), GGNOperator(problem)
     k = min(k, H.shape[0])
     stages = _stages(progress)
     results: dict[str, Any] = {}
@@ -212,7 +235,7 @@ def report(
         "spectral density of H": lambda: spectral_density(
             H, num_probes=density_probes, num_steps=density_steps, seed=seed
         ),
-        "chain-rule error": lambda: chain_rule_error(model, weights, groups=groups, **common),
+        "chain-rule error": lambda: chain_rule_errors(problem, None, groups),
     }
     for stage in stages:
         results[stage] = steps[stage]()

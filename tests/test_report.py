@@ -255,3 +255,18 @@ def test_out_that_is_a_file_is_refused(tmp_path):
     file.write_text("")
     with pytest.raises(ValueError, match="is a file; pass a folder"):
         mh.report(model, data=data, loss="cross_entropy", out=file)
+
+
+def test_streamed_records_through_batch_fn_and_a_cached_generator(oracle):
+    """Data as a one-shot generator of dict records: read once, and the numbers are the whole batch's."""
+    (model, _, (x, y)), names = torch_model()
+    records = ({"pixels": x[i : i + 3], "label": y[i : i + 3]} for i in range(0, N, 3))  # 3, 3, 2 samples
+    as_pair = lambda r: (r["pixels"], r["label"])  # noqa: E731
+    r = mh.report(model, data=records, loss="cross_entropy", batch_fn=as_pair, cache_data=True, **SETTINGS)
+    H, G, g = oracle["H"], oracle["G"], oracle["g"]
+    np.testing.assert_allclose(r.hessian_top, np.linalg.eigvalsh(H)[::-1][:3], rtol=1e-7)
+    assert r.ggn_trace.value == pytest.approx(np.trace(G), rel=1e-10)
+    assert r.chain_rule.vHv == pytest.approx(g @ H @ g, rel=1e-8)
+    listed = [{"pixels": x[i : i + 3], "label": y[i : i + 3]} for i in range(0, N, 3)]
+    errors = mh.chain_rule_error(model, data=listed, loss="cross_entropy", batch_fn=as_pair, progress=False)
+    assert errors["all"].vGv == pytest.approx(g @ G @ g, rel=1e-8)
