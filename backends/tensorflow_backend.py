@@ -35,7 +35,11 @@ variant compiled with ``tf.function``):
   an unrolled Python loop traced 10x longer, so
   :meth:`TensorFlowBackend.vmap` returns ``None``.  Per-sample products
   (exact GGN diagonals), where a loop would trace one model copy per
-  sample, do use ``tf.vectorized_map``.
+  sample, do use ``tf.vectorized_map`` — except for models with einsums or
+  batched matmuls (Keras ``EinsumDense``, ``MultiHeadAttention``) while
+  oneDNN's CPU kernels are on: there the vectorized per-sample gradients
+  corrupted the heap and aborted the process (TensorFlow 2.21, Keras 3), so
+  those pairs go through ``tf.map_fn``, slower and sound.
 * ``tf.function`` keeps exact shapes (no ``reduce_retracing``): the core's
   losses read static shapes, and repeated products on one batch with the
   same number of vectors reuse one trace.
@@ -44,6 +48,7 @@ variant compiled with ``tf.function``):
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -105,6 +110,28 @@ def _field_names(tree: Any, path: tuple[Any, ...]) -> tuple[Any, ...]:
         out.append(fields[key] if fields is not None else key)
         node = node[key]
     return tuple(out)
+
+
+def _onednn_kernels_on() -> bool:
+    """Whether TensorFlow runs oneDNN's CPU kernels (the default of x86 builds unless ``TF_ENABLE_ONEDNN_OPTS=0``)."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+
+        built = bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):  # the private probe moved: assume the kernels are on
+        built = True
+    return built and os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1").strip().lower() not in ("0", "false", "off")
+
+
+_UNSAFE_TO_VECTORIZE = frozenset({"Einsum", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3"})
+"""Op types whose vectorized gradients corrupted the heap under oneDNN (``tf.einsum`` lowers to batched matmuls)."""
+
+
+def _uses_batched_matmul(f: Callable[[Array, Any], Array], w: tf.Tensor, x_one: Any) -> bool:
+    """Whether the graph of ``f(w, x_one)`` holds an einsum or batched matmul op (traced once more, on one sample)."""
+    specs = tf.nest.map_structure(tf.TensorSpec.from_tensor, (w, x_one))
+    graph = tf.function(lambda *args: f(*args)).get_concrete_function(*specs).graph
+    return any(op.type in _UNSAFE_TO_VECTORIZE for op in graph.get_operations())
 
 
 def _tile_samples(a: tf.Tensor, times: int) -> tf.Tensor:
@@ -358,7 +385,11 @@ class TensorFlowBackend(Backend):
             x_one = tuple(a[None] for a in x_n) if isinstance(x_n, tuple) else x_n[None]
             return self.vjp(lambda p: f(p, x_one), w, u_n[None])[1]
 
-        out = tf.vectorized_map(one_pair, (tiled, pairs))
+        first = tuple(a[:1] for a in x) if isinstance(x, tuple) else x[:1]
+        if _onednn_kernels_on() and _uses_batched_matmul(f, w, first):
+            out = tf.map_fn(one_pair, (tiled, pairs), fn_output_signature=w.dtype)  # see the module docstring
+        else:
+            out = tf.vectorized_map(one_pair, (tiled, pairs))
         return tf.reshape(out, (K, N, shape_of(w)[0]))
 
     def stop_gradient(self, x: Array) -> Array:

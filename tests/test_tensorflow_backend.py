@@ -542,3 +542,47 @@ def test_unbuilt_keras_model_is_a_clear_error() -> None:
     model = keras.Sequential([keras.layers.Dense(2)])
     with pytest.raises(ValueError, match="not built"):
         mh.hessian(model, data=(np.ones((2, 3)), np.ones((2, 2))), loss="mse")
+
+
+ATTENTION_GGN_DIAGONAL = r"""
+import numpy as np, tensorflow as tf, keras, multihess as mh
+
+keras.utils.set_random_seed(0)
+inp = keras.Input((5, 8))
+h = inp + keras.layers.MultiHeadAttention(2, 4)(inp, inp)
+h = keras.layers.LayerNormalization()(h)
+h = keras.layers.GlobalAveragePooling1D()(h)
+model = keras.Model(inp, keras.layers.Dense(4)(h))
+rng = np.random.default_rng(0)
+x = tf.constant(rng.normal(size=(6, 5, 8)).astype("float32"))
+y = tf.constant(rng.integers(0, 4, 6))
+got = mh.diagonal(mh.ggn(model, data=(x, y), loss="cross_entropy"), method="exact").value.numpy()
+
+# Oracle: diag(Σ_n J_nᵀ H_z,n J_n), per-sample Jacobians from the tape, one sample at a time.
+expected = 0.0
+for n in range(6):
+    with tf.GradientTape(persistent=True) as tape:
+        z = model(x[n : n + 1])[0]
+    blocks = tape.jacobian(z, model.trainable_variables, experimental_use_pfor=False)
+    J = np.concatenate([np.reshape(j.numpy(), (4, -1)) for j in blocks], axis=1).astype(np.float64)
+    p = tf.nn.softmax(tf.cast(z, tf.float64)).numpy()
+    Hz = (np.diag(p) - np.outer(p, p)) / 6
+    expected = expected + np.einsum("cp,cd,dp->p", J, Hz, J)
+err = np.max(np.abs(got - expected)) / np.max(np.abs(expected))
+assert err < 1e-4, err  # float32 products against float64 sums of the same float32 Jacobians
+print("relative error", err)
+"""
+
+
+def test_exact_ggn_diagonal_of_attention_under_onednn() -> None:
+    """Vectorized per-sample gradients through batched matmuls aborted the process under oneDNN: run it alone."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env.pop("TF_ENABLE_ONEDNN_OPTS", None)  # oneDNN's default: on
+    result = subprocess.run(
+        [sys.executable, "-c", ATTENTION_GGN_DIAGONAL], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "relative error" in result.stdout
