@@ -47,6 +47,7 @@ unrecognized reads are merely slower.  Two guards keep the result exact:
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -127,34 +128,33 @@ class _Use:
         return 2 * k * self.alias.numel() * self.alias.element_size()
 
     def square_sums(
-        self, delta: torch.Tensor, layout: Layout, per_cotangent: bool, budget: int
+        self, delta: torch.Tensor, layout: Layout, per_cotangent: bool, budget: int, c: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``Σ_n`` of the squared products (``(k, *alias.shape)`` or ``alias.shape``) and ``Σ_k Σ_n`` of the products.
+        """``Σ_n`` of the squared products, ``(k, *alias.shape)`` or ``alias.shape``, and ``Σ_n c_n Σ_k`` of them.
 
-        The second is the gradient the op implies for the summed cotangents,
-        checked against autograd's (``None`` where :func:`_first_moment_agrees`
-        checks it from the cotangent sums instead).  Samples and cotangents
-        are taken in chunks of at most ``budget`` bytes of products.
+        The second is the gradient the op implies for the summed cotangents
+        weighted by ``c`` per sample, checked against autograd's (``None``
+        where :func:`_first_moment_agrees` checks it from the cotangents at
+        the output instead).  Samples and cotangents are taken in chunks of
+        at most ``budget`` bytes of products.
         """
-        K, N = delta.shape[0], self.out.numel() // (layout[0] * layout[1] * _features(self))
+        K, N = delta.shape[0], c.shape[0]
         k_chunk = int(max(1, min(K, budget // max(self.sample_bytes(1), 1))))
         n_chunk = int(max(1, min(N, budget // max(self.sample_bytes(k_chunk), 1))))
+        ones = (1,) * self.alias.dim()
         squares, first = [], None
         for k0 in range(0, K, k_chunk):
             part = None
             for n0 in range(0, N, n_chunk):
-                g = self.products(delta[k0 : k0 + k_chunk], layout, n0, min(n0 + n_chunk, N))
+                n1 = min(n0 + n_chunk, N)
+                g = self.products(delta[k0 : k0 + k_chunk], layout, n0, n1)
                 s = (g * g).sum(1)
                 part = s if part is None else part + s
-                m = g.sum((0, 1))
+                m = (g.sum(0) * c[n0:n1].reshape((-1,) + ones)).sum(0)
                 first = m if first is None else first + m
             squares.append(part)
         sq = torch.cat(squares) if per_cotangent else sum(p.sum(0) for p in squares)
         return sq, first
-
-
-def _features(use: _Use) -> int:
-    return math.prod(use.out.shape[use.lead :])
 
 
 @dataclass(eq=False)
@@ -171,10 +171,10 @@ class _Matmul(_Use):
         return torch.einsum("kanbo,anbi->knio" if self.right else "kanbo,anbi->knoi", d, a)
 
     def square_sums(
-        self, delta: torch.Tensor, layout: Layout, per_cotangent: bool, budget: int
+        self, delta: torch.Tensor, layout: Layout, per_cotangent: bool, budget: int, c: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if layout != (1, 1):
-            return super().square_sums(delta, layout, per_cotangent, budget)
+            return super().square_sums(delta, layout, per_cotangent, budget, c)
         # One row per sample: Σ_n (δ_n a_nᵀ)² = (δ²)ᵀ (a²), no per-sample product formed.
         d2 = (delta * delta).reshape(delta.shape[0], -1, delta.shape[-1])  # (K, N, out)
         a2 = (self.a * self.a).reshape(d2.shape[1], -1)  # (N, in)
@@ -201,6 +201,8 @@ class _Shift(_Use):
         if self.xhat is not None:
             A, B = layout
             d = d * self.xhat().reshape((A, -1, B) + tuple(self.out.shape[self.lead :]))[:, n0:n1]
+        if layout == (1, 1):  # one row per sample: nothing to sum, and no copy
+            return d.reshape((d.shape[0], d.shape[2]) + tuple(d.shape[4:]))
         return d.sum((1, 3))
 
 
@@ -444,6 +446,106 @@ def _one_to_one(t: torch.Tensor) -> bool:
     return t.is_contiguous() or t.t().is_contiguous()
 
 
+def _span(t: torch.Tensor, flat: torch.Tensor) -> tuple[int, int] | None:
+    """The entries ``[start, stop)`` of ``flat`` that the view ``t`` reads, if it reads exactly those, each once."""
+    start = t.storage_offset() - flat.storage_offset()
+    if t.numel() == 0:
+        return start, start
+    dims = sorted((st, n) for st, n in zip(t.stride(), t.shape) if n > 1)
+    expected = 1
+    for st, n in dims:  # the strides of a dense layout, in some order of the axes
+        if st != expected:
+            return None
+        expected *= n
+    return start, start + t.numel()
+
+
+class _Reads:
+    """Which entries of the flat vector the recorded route covers: read once, by a recognized op, and nothing else.
+
+    When every recorded read is a dense range of the vector (the views of
+    module parameters are) this is worked out on the ranges, on the host;
+    otherwise on ``P``-sized masks (about fifteen passes over ``P`` entries,
+    0.3 ms of a 1.6 ms gradient on the benchmark MLP).
+    """
+
+    def __init__(self, flat: torch.Tensor, uses: list[_Use], others: list[torch.Tensor]) -> None:
+        self.flat, self.P = flat, flat.numel()
+        spans = [_span(u.alias, flat) for u in uses] + [_span(t, flat) for t in others]
+        self.ranges = all(s is not None for s in spans)
+        if self.ranges:
+            self.spans: list[tuple[int, int]] = [s for s in spans if s[1] > s[0]]  # type: ignore[misc]
+            overlapping = _overlapping(spans)  # type: ignore[arg-type]
+            self.clean = {id(u): not overlapping[i] for i, u in enumerate(uses)}
+            self.slow: list[tuple[int, int]] = [s for u, s in zip(uses, spans) if not self.clean[id(u)]]
+            self.slow += [s for s in spans[len(uses) :] if s[1] > s[0]]
+            return
+        fast_reads = torch.zeros(self.P, dtype=torch.int32, device=flat.device)
+        other_reads = torch.zeros(self.P, dtype=torch.int32, device=flat.device)
+        for use in uses:
+            _like(fast_reads, use.alias, flat).add_(1)  # a recognized view reads each entry once
+        for t in others:
+            _like(other_reads, t, flat).fill_(1)
+        self.fast = (fast_reads == 1) & (other_reads == 0)
+        self.unread = (fast_reads == 0) & (other_reads == 0)
+        self.slow_mask = ~self.fast & ~self.unread
+
+    def keep(self, use: _Use) -> bool | torch.Tensor:
+        """``True`` if every entry of the use is covered, else a mask shaped like its view."""
+        if self.ranges:
+            return self.clean[id(use)]
+        return _like(self.fast, use.alias, self.flat)
+
+    def reject(self, use: _Use) -> None:
+        """Send the entries of a use to the generic route."""
+        if self.ranges:
+            self.slow.append(_span(use.alias, self.flat))  # type: ignore[arg-type]
+        else:
+            _like(self.slow_mask, use.alias, self.flat).fill_(True)
+
+    def generic(self, grad: torch.Tensor) -> torch.Tensor:
+        """Indices of the entries for the generic route: read otherwise, rejected, or unread but with a gradient."""
+        if not self.ranges:
+            return torch.nonzero(self.slow_mask | (self.unread & (grad != 0))).reshape(-1)
+        parts = []
+        covered = sorted(self.spans)
+        edges, stop = [], 0
+        for a, b in covered:  # the gaps between read ranges: entries no op was seen to read
+            if a > stop:
+                edges.append((stop, a))
+            stop = max(stop, b)
+        if stop < self.P:
+            edges.append((stop, self.P))
+        for a, b in edges:
+            parts.append(torch.nonzero(grad[a:b]).reshape(-1) + a)
+        for a, b in self.slow:
+            parts.append(torch.arange(a, b, device=grad.device))
+        if not parts:
+            return torch.zeros(0, dtype=torch.long, device=grad.device)
+        return torch.unique(torch.cat(parts))
+
+
+def _overlapping(spans: list[tuple[int, int]]) -> list[bool]:
+    """Whether each range shares an entry with another one: one sweep over the ranges sorted by their start.
+
+    A range that overlaps an earlier one overlaps the earlier one reaching
+    furthest, and the first range overlapping a given one comes right after
+    it or after one that overlaps it as well, so marking each range and that
+    furthest-reaching one marks every overlapping range.
+    """
+    flags = [False] * len(spans)
+    furthest, holder = -1, -1
+    for i in sorted(range(len(spans)), key=lambda j: spans[j]):
+        start, stop = spans[i]
+        if stop == start:
+            continue
+        if holder >= 0 and furthest > start:
+            flags[i] = flags[holder] = True
+        if stop > furthest:
+            furthest, holder = stop, i
+    return flags
+
+
 def _like(buffer: torch.Tensor, t: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
     """The entries of ``buffer`` (``(P,)`` or ``(K, P)``) that the view ``t`` of ``flat`` reads, shaped like ``t``.
 
@@ -458,17 +560,64 @@ def _like(buffer: torch.Tensor, t: torch.Tensor, flat: torch.Tensor) -> torch.Te
     )
 
 
-def _batched_grads(z: torch.Tensor, outs: list[torch.Tensor], cotangents: torch.Tensor) -> list[torch.Tensor | None]:
-    """``∂⟨z, u_k⟩/∂out`` for every output and every cotangent ``u_k`` (a leading axis of ``cotangents``)."""
-    try:
-        return list(
-            torch.autograd.grad(z, outs, cotangents, retain_graph=True, is_grads_batched=True, allow_unused=True)
-        )
-    except RuntimeError as err:
-        if "vmap" not in str(err) and "not implemented" not in str(err):
-            raise
-    rows = [torch.autograd.grad(z, outs, u, retain_graph=True, allow_unused=True) for u in cotangents]
-    return [None if rows[0][i] is None else torch.stack([r[i] for r in rows]) for i in range(len(outs))]
+class _Cotangents:
+    """``∂⟨z, u_k⟩/∂out`` at recorded outputs for a block of cotangents, by whichever of two passes is faster.
+
+    A vmapped backward pass (``is_grads_batched``) or one pass per cotangent.
+    Neither wins everywhere: on a 2-core CPU with 11 cotangents the loop took
+    0.72 ms against 0.93 ms on the benchmark MLP and 34 ms against 41 ms on
+    LeNet-5 (max-pool's backward has no batching rule: vmap runs it per
+    cotangent and concatenates), the vmapped pass 206 ms against 261 ms on the
+    small ResNet and 59 ms against 75 ms on the transformer.  So the first
+    calls of one ``squares`` function time each in turn and later calls take
+    the faster; both give the same numbers up to rounding.
+    """
+
+    TRIALS = 2  # timed calls of each pass before choosing
+
+    def __init__(self) -> None:
+        self.times: dict[bool, list[float]] = {True: [], False: []}
+        self.batched_works = True
+
+    def __call__(self, z: torch.Tensor, outs: list[torch.Tensor], rows: torch.Tensor) -> list[torch.Tensor | None]:
+        if not self.batched_works:
+            return self._looped(z, outs, rows)
+        batched = self._choice()
+        if batched is not None:
+            return self._batched(z, outs, rows) if batched else self._looped(z, outs, rows)
+        batched = len(self.times[True]) <= len(self.times[False])
+        _sync(z)
+        start = time.perf_counter()
+        result = self._batched(z, outs, rows) if batched else self._looped(z, outs, rows)
+        _sync(z)
+        if self.batched_works or not batched:
+            self.times[batched].append((time.perf_counter() - start) / max(rows.shape[0], 1))
+        return result
+
+    def _choice(self) -> bool | None:
+        if min(len(t) for t in self.times.values()) < self.TRIALS:
+            return None
+        return min(self.times[True]) <= min(self.times[False])
+
+    def _batched(self, z: torch.Tensor, outs: list[torch.Tensor], rows: torch.Tensor) -> list[torch.Tensor | None]:
+        try:
+            return list(torch.autograd.grad(z, outs, rows, retain_graph=True, is_grads_batched=True, allow_unused=True))
+        except RuntimeError as err:
+            if "vmap" not in str(err) and "not implemented" not in str(err):
+                raise
+        self.batched_works = False
+        return self._looped(z, outs, rows)
+
+    @staticmethod
+    def _looped(z: torch.Tensor, outs: list[torch.Tensor], rows: torch.Tensor) -> list[torch.Tensor | None]:
+        grads = [torch.autograd.grad(z, outs, u, retain_graph=True, allow_unused=True) for u in rows]
+        return [None if grads[0][i] is None else torch.stack([g[i] for g in grads]) for i in range(len(outs))]
+
+
+def _sync(t: torch.Tensor) -> None:
+    """Wait for the device, so that a timing covers the work and not its launch."""
+    if t.device.type == "cuda":
+        torch.cuda.synchronize(t.device)
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor) -> bool:
@@ -507,18 +656,33 @@ def _layout(
     return None
 
 
-def _first_moment_agrees(use: _Matmul, delta_sum: torch.Tensor, grad: torch.Tensor) -> bool:
-    """Whether the gradient of ``⟨z, Σ_k u_k⟩`` on a row-per-sample matrix product's view is what the op implies.
+def _first_moment_agrees(use: _Matmul, delta: torch.Tensor, grad: torch.Tensor) -> bool:
+    """Whether autograd's gradient on a row-per-sample matrix product's view is what the op implies.
 
-    Compared along a fixed direction of the output axis, so the check costs
-    products with vectors only.
+    ``delta`` is the cotangent at the op's output and ``grad`` the gradient
+    on the view, of the same cotangent of ``z``.  Compared along a fixed
+    direction of the output axis, so the check costs products with vectors
+    only.
     """
-    d = delta_sum.reshape(-1, delta_sum.shape[-1])
+    d = delta.reshape(-1, delta.shape[-1])
     a = use.a.reshape(d.shape[0], -1)
     r = torch.cos(torch.arange(d.shape[1], dtype=d.dtype, device=d.device) * 1.7 + 0.3)
     # The gradient of W (y = a Wᵀ) is δᵀa, that of B (y = a B) aᵀδ.
     expected, actual = a.T @ (d @ r), (grad @ r if use.right else grad.T @ r)
     return _close(actual, expected)
+
+
+def _layouts(
+    uses: list[_Use], outs: list[torch.Tensor], sums: list[torch.Tensor | None], weighted: list[Any], c: torch.Tensor
+) -> dict[tuple[int, int], Layout | None]:
+    """:func:`_layout` of every recorded output (and number of leading axes) that its cotangents reach."""
+    position = {id(o): i for i, o in enumerate(outs)}
+    found: dict[tuple[int, int], Layout | None] = {}
+    for use in uses:
+        i, key = position[id(use.out)], (id(use.out), use.lead)
+        if key not in found and sums[i] is not None and weighted[i] is not None:
+            found[key] = _layout(use.out, use.lead, c.shape[0], sums[i], weighted[i], c)
+    return found
 
 
 def per_sample_squares(
@@ -530,6 +694,7 @@ def per_sample_squares(
     the entries the recorded route does not cover.
     """
     whole = generic(f, per_cotangent)
+    grads = _Cotangents()
 
     def squares(
         w: torch.Tensor, x: Any, cotangents: Callable[[torch.Tensor], torch.Tensor], memory_budget: int
@@ -542,64 +707,56 @@ def per_sample_squares(
             return whole(w, x, cotangents, memory_budget)
         U = cotangents(z.detach())
         K, N, P = U.shape[0], z.shape[0], flat.numel()
-        fast_reads = torch.zeros(P, dtype=torch.int32, device=flat.device)
-        other_reads = torch.zeros(P, dtype=torch.int32, device=flat.device)
-        for use in recorder.uses:
-            _like(fast_reads, use.alias, flat).add_(1)  # a recognized view reads each entry once
-        for t in recorder.others:
-            _like(other_reads, t, flat).fill_(1)
-        fast = (fast_reads == 1) & (other_reads == 0)
+        reads = _Reads(flat, recorder.uses, recorder.others)
 
         outs = list({id(u.out): u.out for u in recorder.uses}.values())
         position = {id(o): i for i, o in enumerate(outs)}
         per_cot = sum(o.numel() for o in outs) * outs[0].element_size()  # δ of one cotangent
         k_chunk = int(max(1, min(K, memory_budget // max(per_cot, 1))))
-        # One factor per sample for the layout check, the same on every call (in [1, 2): never zero).
+
+        # One factor per sample, the same on every call (in [1, 2): never zero).  With
+        # u_c = (Σ_k u_k) c, one backward pass gives autograd's gradient on every entry
+        # (for the guard) and δ_c at every recorded output (for the layouts and the guard).
         gen = torch.Generator().manual_seed(0)
         c = (1.0 + torch.rand(N, generator=gen, dtype=torch.float64)).to(dtype=U.dtype, device=U.device)
+        u_c = U.sum(0) * c.reshape((N,) + (1,) * (U.dim() - 2))
+
         result = torch.zeros((K, P) if per_cotangent else (P,), dtype=flat.dtype, device=flat.device)
-        layouts: dict[tuple[int, int], Layout | None] = {}
-        delta_sums: list[torch.Tensor | None] = [None] * len(outs)
-        firsts: dict[int, torch.Tensor | None] = {}
+        firsts: dict[int, torch.Tensor] = {}
+        # The usual case: δ of every cotangent at once, and the layouts from their sum.  With chunks
+        # of cotangents, the layouts come first, from one more pass of the summed cotangent.
+        first_block = grads(z, outs, U) if k_chunk >= K else None
+        grad, *weighted = torch.autograd.grad(z, [flat, *outs], u_c, retain_graph=True, allow_unused=True)
+        grad = torch.zeros_like(flat) if grad is None else grad.detach()
+        summed = grads(z, outs, U.sum(0)[None]) if first_block is None else first_block
+        layouts = _layouts(recorder.uses, outs, [None if d is None else d.sum(0) for d in summed], weighted, c)
+        del summed
         for k0 in range(0, K, k_chunk):
             k1 = min(k0 + k_chunk, K)
-            rows = U[k0:k1]
-            if k0 == 0:  # one more row: these cotangents summed, weighted per sample, for the layout check
-                weights = c.reshape((N,) + (1,) * (U.dim() - 2))
-                rows = torch.cat([rows, (rows.sum(0) * weights)[None]])
-            deltas = _batched_grads(z, outs, rows)
-            if k0 == 0:
-                weighted = [None if d is None else d[-1] for d in deltas]
-                deltas = [None if d is None else d[:-1] for d in deltas]
-                for use in recorder.uses:
-                    i, key = position[id(use.out)], (id(use.out), use.lead)
-                    if key not in layouts and deltas[i] is not None:
-                        layouts[key] = _layout(use.out, use.lead, N, deltas[i].sum(0), weighted[i], c)
-                del weighted
-            for i, d in enumerate(deltas):
-                if d is not None:
-                    delta_sums[i] = d.sum(0) if delta_sums[i] is None else delta_sums[i] + d.sum(0)
+            deltas = first_block if first_block is not None else grads(z, outs, U[k0:k1])
+            first_block = None
             for use in recorder.uses:
                 d = deltas[position[id(use.out)]]
                 layout = layouts.get((id(use.out), use.lead))
                 if d is None or layout is None:
                     continue
-                part, first = use.square_sums(d, layout, per_cotangent, memory_budget)
+                part, first = use.square_sums(d, layout, per_cotangent, memory_budget, c)
                 if first is not None:
                     firsts[id(use)] = first if id(use) not in firsts else firsts[id(use)] + first
-                keep = _like(fast, use.alias, flat)
-                _like(result[k0:k1] if per_cotangent else result, use.alias, flat).add_(part * keep)
+                keep = reads.keep(use)
+                target = _like(result[k0:k1] if per_cotangent else result, use.alias, flat)
+                if keep is True and (per_cotangent or k0 == 0):  # the usual case: nothing else there yet
+                    target.copy_(part)
+                elif keep is True:
+                    target.add_(part)
+                elif keep is not False:
+                    target.add_(part * keep)
             del deltas
 
-        # Guard: the summed cotangent's gradient must match the recorded ops on every fast entry,
+        # Guard: autograd's gradient must match the recorded ops on every fast entry,
         # and vanish on every entry no op was seen to read.
-        (grad,) = torch.autograd.grad(z, flat, U.sum(0), allow_unused=True)
-        grad = torch.zeros_like(flat) if grad is None else grad.detach()
-        unread = (fast_reads == 0) & (other_reads == 0)
-        slow = ~fast & ~unread
-        slow |= unread & (grad != 0)
         for use in recorder.uses:
-            d, g = delta_sums[position[id(use.out)]], _like(grad, use.alias, flat)
+            d, g = weighted[position[id(use.out)]], _like(grad, use.alias, flat)
             layout = layouts.get((id(use.out), use.lead))
             if d is None:  # an op whose output does not reach z implies a zero gradient on its entries
                 agrees = bool((g == 0).all())
@@ -610,11 +767,11 @@ def per_sample_squares(
             else:
                 agrees = _first_moment_agrees(use, d, g)
             if not agrees:
-                _like(slow, use.alias, flat).fill_(True)
+                reads.reject(use)
                 _like(result, use.alias, flat).fill_(0)
-        del z, recorder
+        del z, recorder, weighted
 
-        rest = torch.nonzero(slow).reshape(-1)
+        rest = reads.generic(grad)
         if rest.numel():
             base = w.detach()
             sub = lambda v, x: f(base.index_put((rest,), v), x)  # noqa: E731

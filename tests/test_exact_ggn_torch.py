@@ -27,6 +27,7 @@ from torch import nn
 
 import multihess as mh
 from multihess.backends import torch_per_sample
+from multihess.backends.torch_backend import TorchBackend
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -428,8 +429,31 @@ def test_squares_of_random_cotangents_in_small_chunks(name: str, per_cotangent: 
     J = torch.func.jacrev(lambda w: f(w, x))(w0)  # (N, C, P): sample n's rows are its Jacobian
     expected = torch.einsum("knc,ncp->knp", U, J).square().sum(1)
     expected = expected if per_cotangent else expected.sum(0)
-    squares = mh.backends.torch_backend.TorchBackend().per_sample_squares(f, per_cotangent)
+    squares = TorchBackend().per_sample_squares(f, per_cotangent)
     # 4 kB: a few per-sample products at a time, so every chunk loop runs more than once.
     got = squares(w0, x, lambda _: U, 4096)
     np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-10, atol=1e-12 * float(expected.max()))
     assert generic_entries == []
+
+
+class StridedRead(nn.Module):
+    """A layer that uses every other column of its weight (a view with gaps) and an ordinary head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(5, 8) / 2)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(F.linear(x, self.W[:, ::2])))
+
+
+def test_a_view_with_gaps_takes_the_generic_route_for_exactly_its_entries(generic_entries) -> None:
+    torch.manual_seed(0)
+    model = StridedRead().double()
+    x, y = _data((6, 4), 3)
+    expected = whole_batch_diagonal(model, x, y, "cross_entropy")
+    got = exact_diagonal(model, x, y, "cross_entropy")
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12 * expected.max())
+    assert np.all(got[1:8:2] == 0)  # the columns never read
+    assert generic_entries == [20]  # the 5 × 4 entries read; the head takes the recorded route
