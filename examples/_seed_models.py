@@ -160,3 +160,38 @@ def lenet_jax(activation: str = "tanh"):
         return x @ params["dense3"]["kernel"] + params["dense3"]["bias"]
 
     return apply_fn
+
+
+# ----------------------------------------------------------------------
+# Loading NumPy weights into a model built once
+# ----------------------------------------------------------------------
+def load_torch(module, weights: dict) -> None:
+    """Copy ``{layer: {"kernel", "bias"} | {"gamma", "beta"}}`` (and ``{"position": {"embedding"}}``) into ``module``.
+
+    Kernels are transposed to PyTorch's layout; ``layer`` is the submodule's
+    dotted name.  The copy is in place, so the module is built once and
+    re-initialized as often as needed.
+    """
+    import torch
+
+    with torch.no_grad():
+        for layer, values in weights.items():
+            if layer == "position":
+                module.position.copy_(torch.from_numpy(values["embedding"]))
+                continue
+            target = module.get_submodule(layer)
+            for key, value in values.items():
+                if key == "kernel":
+                    value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+                param = target.bias if key in ("bias", "beta") else target.weight
+                param.copy_(torch.from_numpy(np.ascontiguousarray(value)))
+
+
+def load_keras(model, weights: dict) -> None:
+    """Assign the same weights to a Keras model's variables (the layer named ``layer`` with ``_`` for ``.``)."""
+    for layer, values in weights.items():
+        if layer == "position":
+            model.position.assign(values["embedding"])
+            continue
+        order = ("gamma", "beta") if "gamma" in values else ("kernel", "bias")
+        model.get_layer(layer.replace(".", "_")).set_weights([values[k] for k in order])

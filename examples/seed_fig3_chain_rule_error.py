@@ -10,27 +10,42 @@ The same NumPy weights go into a Keras model (as the seed used), a PyTorch modul
 and a JAX function, and the script reports how closely the three frameworks agree
 on every initialization.  ``--activation relu`` repeats it with ReLU, where every
 single layer's block is exact and only the cross-layer terms (``all``) differ;
-``--extras`` adds a small ResNet and a small transformer (PyTorch).
+``--extras`` adds a small ResNet (ReLU) and a small transformer on the 8×8
+digits, also in all three frameworks with the same weights (PyTorch's default
+initialization drawn with NumPy, :mod:`_seed_models_extra`).
+
+Per initialization and network the work is one gradient and, for the rows
+``all`` and each kernel, one Hessian and one GGN product (all rows in one
+block): each framework's model is built once and re-weighted, and JAX reuses
+its compiled products through a compilation cache.
 
 Data: scikit-learn's handwritten digits, each 8×8 image enlarged to 32×32 and
-repeated over 3 channels so that the network has the seed's CIFAR-10 shapes
-(``--data digits``), or uniform noise of that shape with random labels
-(``--data synthetic``).
+repeated over 3 channels so that the LeNet variant has the seed's CIFAR-10
+shapes (``--data digits``; the extras take the 8×8 images as they are), or
+uniform noise of those shapes with random labels (``--data synthetic``).
 
 Run::
 
     python examples/seed_fig3_chain_rule_error.py                  # 100 inits, tanh, 3 frameworks
-    python examples/seed_fig3_chain_rule_error.py --activation relu --extras
-    python examples/seed_fig3_chain_rule_error.py --quick          # 1 init, 16 images: about 20 s
+    python examples/seed_fig3_chain_rule_error.py --activation both --extras   # everything on the page
+    python examples/seed_fig3_chain_rule_error.py --activation none --extras --frameworks torch
+    python examples/seed_fig3_chain_rule_error.py --quick          # 1 init, 16 images; extras without JAX
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import json
 import os
+import shutil
 import sys
+import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -38,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import _seed_models as sm  # noqa: E402
+import _seed_models_extra as sx  # noqa: E402
 
 import multihess as mh  # noqa: E402
 
@@ -61,72 +77,139 @@ def progress(iterable, **kwargs):
     return tqdm(iterable, **kwargs)
 
 
-def load_data(kind: str, batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """One batch of ``batch`` images of CIFAR-10's shape (32×32×3), real digits or noise."""
+def load_data(kind: str, batch: int, size: int = 32, channels: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """One batch of ``batch`` images of shape ``size × size × channels``: real digits or uniform noise."""
     rng = np.random.default_rng(seed)
     if kind == "digits":
-        x, y = sm.digits(32, 3)
+        x, y = sm.digits(size, channels)
         idx = rng.choice(len(x), batch, replace=False)
         return x[idx], y[idx]
-    return rng.uniform(0, 1, (batch, 32, 32, 3)).astype(np.float32), rng.integers(0, 10, batch)
+    return rng.uniform(0, 1, (batch, size, size, channels)).astype(np.float32), rng.integers(0, 10, batch)
 
 
-class LeNetRunner:
-    """Per-layer chain-rule errors of the LeNet variant in one framework, for NumPy weights."""
+@dataclass
+class Experiment:
+    """One network of the figure: its kernels, its NumPy weights per seed, and a builder per framework."""
 
-    def __init__(self, framework: str, activation: str, x: np.ndarray, y: np.ndarray) -> None:
-        self.framework, self.activation = framework, activation
+    name: str
+    layers: tuple[str, ...]
+    weights: Callable[[int], dict]
+    torch: Callable[[], Any]
+    keras: Callable[[], Any]
+    jax: Callable[[], Any]
+    image: tuple[int, int]  # (side, channels) of the input images
+
+
+def experiment(name: str, keras_layer_norm: bool = False) -> Experiment:
+    """``"lenet_tanh"``, ``"lenet_relu"``, ``"resnet"`` or ``"transformer"`` (see :func:`sx.transformer_keras`)."""
+    if name.startswith("lenet_"):
+        act = name.split("_")[1]
+        first = sm.lenet_weights(0)
+        return Experiment(
+            name,
+            sm.LAYERS,
+            sm.lenet_weights,
+            lambda: sm.lenet_torch(first, act),
+            lambda: sm.lenet_keras(first, act),
+            lambda: sm.lenet_jax(act),
+            (32, 3),
+        )
+    return Experiment(
+        name,
+        getattr(sx, f"{name.upper()}_LAYERS"),
+        getattr(sx, f"{name}_weights"),
+        getattr(sx, f"{name}_torch"),
+        (lambda: sx.transformer_keras(keras_layer_norm)) if name == "transformer" else sx.resnet_keras,
+        getattr(sx, f"{name}_jax"),
+        (8, 1),
+    )
+
+
+def cache_jax_compilations() -> None:
+    """Let JAX reuse its compiled products across initializations.
+
+    Every call of ``mh.chain_rule_error`` traces new product functions, which
+    JAX would compile again although only the weights' values changed.  With a
+    compilation cache (a temporary folder, removed at exit) the same program is
+    loaded instead: for the LeNet variant 0.75 s per initialization instead of
+    3.4 s (two busy CPU cores).  A cache the user configured is left as it is.
+    """
+    import jax
+
+    if jax.config.jax_compilation_cache_dir:
+        return
+    folder = tempfile.mkdtemp(prefix="fig3_jax_cache_")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+class Runner:
+    """Per-layer chain-rule errors of one experiment in one framework: the model is built once, re-weighted per init."""
+
+    def __init__(self, framework: str, exp: Experiment, x: np.ndarray, y: np.ndarray) -> None:
+        self.framework, self.seconds = framework, 0.0
         if framework == "torch":
             import torch
 
             self.data = (torch.tensor(x), torch.tensor(y))
-            self.groups = {layer: f"{layer}.weight" for layer in sm.LAYERS}
+            self.model = exp.torch()
+            self.groups = {layer: f"{layer}.weight" for layer in exp.layers}
         elif framework == "jax":
             import jax.numpy as jnp
 
+            cache_jax_compilations()
             self.data = (jnp.asarray(x), jnp.asarray(y))
-            self.groups = {layer: f"{layer}*kernel" for layer in sm.LAYERS}
-            self.apply_fn = sm.lenet_jax(activation)
+            self.model = exp.jax()
+            self.groups = {layer: f"{layer}.kernel" for layer in exp.layers}
         else:
             import tensorflow as tf
 
             self.data = (tf.constant(x), tf.constant(y))
-            self.groups = {layer: f"*{layer}*kernel" for layer in sm.LAYERS}
+            self.model = exp.keras()
+            self.groups = {layer: f"*{layer.replace('.', '_')}/kernel" for layer in exp.layers}
 
     def errors(self, weights: dict) -> dict[str, float]:
         """``{"all", layer...: relative error}`` for one initialization."""
+        start = time.perf_counter()
+        params = None
         if self.framework == "torch":
-            model, params = sm.lenet_torch(weights, self.activation), None
+            sm.load_torch(self.model, weights)
         elif self.framework == "jax":
             import jax
             import jax.numpy as jnp
 
-            model, params = self.apply_fn, jax.tree.map(jnp.asarray, weights)
+            params = jax.tree.map(jnp.asarray, weights)
         else:
-            model, params = sm.lenet_keras(weights, self.activation), None
-        result = mh.chain_rule_error(model, params, data=self.data, loss="cross_entropy", groups=self.groups)
+            sm.load_keras(self.model, weights)
+        result = mh.chain_rule_error(self.model, params, data=self.data, loss="cross_entropy", groups=self.groups)
+        self.seconds += time.perf_counter() - start
         return {k: r.relative_error for k, r in result.items()}
 
 
-def run_lenet(args: argparse.Namespace, activation: str) -> dict[str, dict[str, np.ndarray]]:
-    """errors[framework][layer] over the initializations, same weights in every framework."""
-    x, y = load_data(args.data, args.batch)
-    runners = {fw: LeNetRunner(fw, activation, x, y) for fw in args.frameworks}
-    rows: dict[str, list[dict[str, float]]] = {fw: [] for fw in args.frameworks}
-    for seed in progress(range(args.inits), desc=f"LeNet {activation}", unit="init"):
-        weights = sm.lenet_weights(seed)
+def run(
+    exp: Experiment, args: argparse.Namespace, frameworks: list[str]
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, float]]:
+    """errors[framework][layer] over the initializations, same weights in every framework; seconds per framework."""
+    x, y = load_data(args.data, args.batch, *exp.image)
+    runners = {fw: Runner(fw, exp, x, y) for fw in frameworks}
+    rows: dict[str, list[dict[str, float]]] = {fw: [] for fw in frameworks}
+    for seed in progress(range(args.inits), desc=exp.name, unit="init"):
+        weights = exp.weights(seed)
         for fw, runner in runners.items():
             rows[fw].append(runner.errors(weights))
-    return {fw: {k: np.array([r[k] for r in rs]) for k in rs[0]} for fw, rs in rows.items()}
+    errors = {fw: {k: np.array([r[k] for r in rs]) for k in rs[0]} for fw, rs in rows.items()}
+    return errors, {fw: r.seconds for fw, r in runners.items()}
 
 
-def lenet_table(errors: dict[str, dict[str, np.ndarray]], title: str, with_seed: bool) -> str:
+def table(errors: dict[str, dict[str, np.ndarray]], title: str, with_seed: bool) -> str:
     """Markdown table: per layer, min – max (median) in each framework, the seed's range, the framework spread."""
     fws = list(errors)
     layers = list(errors[fws[0]])
     head = ["layer"] + (["seed (TF, CIFAR-10)"] if with_seed else []) + fws
     if len(fws) > 1:
-        head.append("max |Δ| between frameworks")
+        head.append("max \\|Δ\\| between frameworks")
     lines = [f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for layer in layers:
         cells = [layer] + ([SEED_RANGES[layer]] if with_seed else [])
@@ -181,99 +264,41 @@ def histograms(errors: dict[str, dict[str, np.ndarray]], out: Path, prefix: str)
     return paths
 
 
-# ----------------------------------------------------------------------
-# Extras: a small ResNet and a small transformer (PyTorch, digits 8×8)
-# ----------------------------------------------------------------------
-def small_resnet():
-    """Stem conv, two residual blocks (conv–ReLU–conv + skip), average pool, dense: every layer piecewise linear."""
-    import torch
-
-    class Block(torch.nn.Module):
-        def __init__(self, c: int) -> None:
-            super().__init__()
-            self.conv_a = torch.nn.Conv2d(c, c, 3, padding=1)
-            self.conv_b = torch.nn.Conv2d(c, c, 3, padding=1)
-
-        def forward(self, x):
-            return torch.relu(x + self.conv_b(torch.relu(self.conv_a(x))))
-
-    class ResNet(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.stem = torch.nn.Conv2d(1, 8, 3, padding=1)
-            self.block1, self.block2 = Block(8), Block(8)
-            self.head = torch.nn.Linear(8, 10)
-
-        def forward(self, x):
-            x = torch.relu(self.stem(x.permute(0, 3, 1, 2)))
-            x = self.block2(self.block1(x))
-            return self.head(x.mean(dim=(2, 3)))
-
-    return ResNet()
-
-
-def small_transformer():
-    """Each image row a token: embedding, one pre-norm encoder layer (single-head attention, GELU MLP), mean, dense."""
-    import torch
-
-    class Transformer(torch.nn.Module):
-        def __init__(self, d: int = 16) -> None:
-            super().__init__()
-            self.embed = torch.nn.Linear(8, d)
-            self.position = torch.nn.Parameter(0.02 * torch.randn(8, d))
-            self.norm1, self.norm2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
-            self.query, self.key, self.value = (torch.nn.Linear(d, d) for _ in range(3))
-            self.attn_out = torch.nn.Linear(d, d)
-            self.mlp1, self.mlp2 = torch.nn.Linear(d, 2 * d), torch.nn.Linear(2 * d, d)
-            self.head = torch.nn.Linear(d, 10)
-
-        def forward(self, x):
-            h = self.embed(x[..., 0]) + self.position  # (batch, 8 rows, d)
-            a = self.norm1(h)
-            scores = self.query(a) @ self.key(a).transpose(1, 2) / a.shape[-1] ** 0.5
-            h = h + self.attn_out(torch.softmax(scores, dim=-1) @ self.value(a))
-            h = h + self.mlp2(torch.nn.functional.gelu(self.mlp1(self.norm2(h))))
-            return self.head(h.mean(dim=1))
-
-    return Transformer()
-
-
-EXTRA_LAYERS = {
-    "resnet": ("stem", "block1.conv_a", "block1.conv_b", "block2.conv_a", "block2.conv_b", "head"),
-    "transformer": ("embed", "query", "key", "value", "attn_out", "mlp1", "mlp2", "head"),
+TITLES = {
+    "lenet_tanh": "LeNet-5 variant, tanh",
+    "lenet_relu": "LeNet-5 variant, relu",
+    "resnet": "resnet: stem conv, 2 residual blocks, ReLU",
+    "transformer": "transformer: 1 pre-norm encoder layer, attention, GELU MLP",
 }
-
-
-def run_extra(name: str, inits: int, batch: int) -> dict[str, dict[str, np.ndarray]]:
-    """Per-layer (weight matrices/kernels) errors of a PyTorch ResNet or transformer over ``inits`` default inits."""
-    import torch
-
-    x, y = sm.digits(8, 1)
-    idx = np.random.default_rng(0).choice(len(x), batch, replace=False)
-    data = (torch.tensor(x[idx]), torch.tensor(y[idx]))
-    build = {"resnet": small_resnet, "transformer": small_transformer}[name]
-    groups = {layer: f"{layer}.weight" for layer in EXTRA_LAYERS[name]}
-    rows = []
-    for seed in progress(range(inits), desc=name, unit="init"):
-        torch.manual_seed(seed)
-        result = mh.chain_rule_error(build(), data=data, loss="cross_entropy", groups=groups)
-        rows.append({k: r.relative_error for k, r in result.items()})
-    return {"torch": {k: np.array([r[k] for r in rows]) for k in rows[0]}}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--inits", type=int, default=100, help="re-initializations (default 100, as the seed)")
     parser.add_argument("--batch", type=int, default=64, help="images in the batch (default 64)")
-    parser.add_argument("--activation", choices=("tanh", "relu", "both"), default="tanh")
+    parser.add_argument(
+        "--activation",
+        choices=("tanh", "relu", "both", "none"),
+        default="tanh",
+        help="of the LeNet variant (none: extras only)",
+    )
     parser.add_argument(
         "--frameworks", default=",".join(FRAMEWORKS), help="comma-separated subset of " + ", ".join(FRAMEWORKS)
     )
     parser.add_argument("--data", choices=("digits", "synthetic"), default="digits")
-    parser.add_argument("--extras", action="store_true", help="also a small ResNet and transformer (PyTorch)")
-    parser.add_argument("--out", default="seed_fig3", help="folder for the PNGs (default ./seed_fig3)")
-    parser.add_argument("--no-plots", action="store_true", help="tables only")
-    parser.add_argument("--quick", action="store_true", help="1 init, 16 images: a smoke run of every part")
+    parser.add_argument("--extras", action="store_true", help="also the small ResNet and transformer")
+    parser.add_argument(
+        "--keras-layer-norm",
+        action="store_true",
+        help="transformer in Keras with keras.layers.LayerNormalization (whose second derivatives differ)",
+    )
+    parser.add_argument(
+        "--out", default="seed_fig3", help="folder for the PNGs and the errors as JSON (default ./seed_fig3)"
+    )
+    parser.add_argument("--no-plots", action="store_true", help="tables only (no PNGs, no JSON of the errors)")
+    parser.add_argument(
+        "--quick", action="store_true", help="1 init, 16 images, every part (the extras without JAX): a smoke run"
+    )
     args = parser.parse_args(argv)
     args.frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
     for fw in args.frameworks:
@@ -281,32 +306,44 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--frameworks: unknown {fw!r}; choose from {', '.join(FRAMEWORKS)}")
     if args.inits < 1:
         parser.error("--inits must be at least 1")
+    extra_frameworks = args.frameworks
     if args.quick:
         args.inits, args.batch, args.extras = 1, 16, True
+        # XLA compiles the extras' products for longer than everything else of the quick run takes.
+        extra_frameworks = [fw for fw in args.frameworks if fw != "jax"] or args.frameworks
     out = Path(args.out)
     if not args.no_plots:
         out.mkdir(parents=True, exist_ok=True)
 
-    activations = ("tanh", "relu") if args.activation == "both" else (args.activation,)
-    data_note = "digits 8×8 enlarged to 32×32×3" if args.data == "digits" else "uniform noise 32×32×3, random labels"
-    for activation in activations:
+    names = {"tanh": ["lenet_tanh"], "relu": ["lenet_relu"], "both": ["lenet_tanh", "lenet_relu"], "none": []}
+    names = names[args.activation] + (["resnet", "transformer"] if args.extras else [])
+    for name in names:
+        exp = experiment(name, args.keras_layer_norm)
         start = time.perf_counter()
-        errors = run_lenet(args, activation)
+        errors, seconds = run(exp, args, args.frameworks if name.startswith("lenet") else extra_frameworks)
+        side, channels = exp.image
+        if args.data == "digits":
+            data = "digits 8×8" + (f" enlarged to {side}×{side}×{channels}" if side > 8 else "")
+        else:
+            data = f"uniform noise {side}×{side}×{channels}, random labels"
+        per_fw = ", ".join(f"{fw} {s:.0f} s" for fw, s in seconds.items())
         title = (
-            f"LeNet-5 variant, {activation}, {args.inits} inits, batch {args.batch} ({data_note}); "
-            f"{time.perf_counter() - start:.0f} s"
+            f"{TITLES[name]}, {args.inits} inits, batch {args.batch} ({data}); "
+            f"{time.perf_counter() - start:.0f} s ({per_fw})"
         )
-        print(lenet_table(errors, title, with_seed=activation == "tanh"))
+        if name == "transformer" and args.keras_layer_norm and "tensorflow" in errors:
+            title += "; Keras with keras.layers.LayerNormalization"
+        print(table(errors, title, with_seed=name == "lenet_tanh"))
         print(agreement(errors), "\n")
         if not args.no_plots:
-            for path in histograms(errors, out, f"lenet_{activation}"):
+            for path in histograms(errors, out, name):
                 print("wrote", path)
-    if args.extras:
-        for name in ("resnet", "transformer"):
-            start = time.perf_counter()
-            errors = run_extra(name, min(args.inits, 20), args.batch)
-            title = f"{name} (PyTorch, default init, {min(args.inits, 20)} inits, batch {args.batch} of digits 8×8)"
-            print(lenet_table(errors, f"{title}; {time.perf_counter() - start:.0f} s", with_seed=False), "\n")
+            record = {
+                "title": title,
+                "seconds": seconds,
+                "errors": {fw: {k: v.tolist() for k, v in e.items()} for fw, e in errors.items()},
+            }
+            (out / f"fig3_{name}.json").write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":

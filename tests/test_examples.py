@@ -69,6 +69,7 @@ def test_fig3_frameworks_agree_and_exact_layers_are_exact(tmp_path):
     transformer = table_rows(out, "transformer")
     assert extremes(transformer["query"][0])[0] > 1e-6 and extremes(transformer["embed"][0])[0] > 1e-4
     assert extremes(transformer["mlp2"][0])[1] < 1e-6 and extremes(transformer["head"][0])[1] < 1e-6
+    assert float(transformer["embed"][-1]) < 1e-4 * extremes(transformer["embed"][0])[0]  # Keras == PyTorch
     assert sorted(p.name for p in tmp_path.glob("fig3_lenet_tanh_*.png")) == [
         f"fig3_lenet_tanh_{layer}.png" for layer in ("all", "conv1", "conv2", "dense1", "dense2", "dense3")
     ]
