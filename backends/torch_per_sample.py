@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,6 +99,11 @@ def _bind(names: tuple[str, ...], args: tuple, kwargs: dict) -> dict[str, Any]:
 # ----------------------------------------------------------------------
 # Recognized uses: per-sample products from the cotangent at the output
 # ----------------------------------------------------------------------
+Block = Sequence[torch.Tensor]
+"""The cotangents at one output for a block of ``k`` cotangents of ``z``: ``k`` tensors shaped like the output
+(a list, or a tensor with ``k`` first)."""
+
+
 @dataclass(eq=False)
 class _Use:
     """One recognized read of the parameter view ``alias`` by an op with output ``out``.
@@ -106,55 +111,79 @@ class _Use:
     ``out`` is ``(*leading, *features)`` with ``lead`` leading axes, among
     which the samples are (the rest are positions a sample's product sums
     over).  :meth:`products` gives the per-sample products of ``alias`` for a
-    slice of samples from the cotangents ``δ`` at ``out``.
+    slice of samples from one cotangent ``δ`` at ``out``.
     """
 
     alias: torch.Tensor
     out: torch.Tensor
     lead: int
 
-    def samples(self, delta: torch.Tensor, layout: Layout, n0: int, n1: int) -> torch.Tensor:
-        """``δ`` (``(k, *out.shape)``) as ``(k, A, n1 - n0, B, *features)`` for samples ``n0:n1``."""
+    def rows(self, delta: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """One cotangent at ``out`` (or a tensor shaped like it) as ``(A, N, B, *features)``."""
         A, B = layout
-        rows = delta.reshape((delta.shape[0], A, -1, B) + tuple(self.out.shape[self.lead :]))
-        return rows[:, :, n0:n1]
+        return delta.reshape((A, -1, B) + tuple(self.out.shape[self.lead :]))
 
-    def products(self, delta: torch.Tensor, layout: Layout, n0: int, n1: int) -> torch.Tensor:
-        """Per-sample products ``(k, n1 - n0, *alias.shape)`` of samples ``n0:n1``."""
+    def prepare(self, n0: int, n1: int) -> Any:
+        """What :meth:`products` reuses for every cotangent of samples ``n0:n1`` (a convolution's windows)."""
+        return None
+
+    def products(self, delta: torch.Tensor, layout: Layout, n0: int, n1: int, ready: Any) -> torch.Tensor:
+        """Per-sample products ``(n1 - n0, *alias.shape)`` of samples ``n0:n1`` for one cotangent ``δ`` at ``out``."""
         raise NotImplementedError
 
-    def sample_bytes(self, k: int) -> int:
-        """Bytes that :meth:`products` holds per sample for ``k`` cotangents (result and temporaries)."""
-        return 2 * k * self.alias.numel() * self.alias.element_size()
+    def sample_bytes(self) -> int:
+        """Bytes that :meth:`products` and :meth:`prepare` hold per sample (result, square and temporaries)."""
+        return 2 * self.alias.numel() * self.alias.element_size()
 
-    def square_sums(
-        self, delta: torch.Tensor, layout: Layout, per_cotangent: bool, budget: int, c: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``Σ_n`` of the squared products, ``(k, *alias.shape)`` or ``alias.shape``, and ``Σ_n c_n Σ_k`` of them.
+    def square_sums(self, block: Block, layout: Layout, per_cotangent: bool, budget: int, memo: dict) -> torch.Tensor:
+        """``Σ_n`` of the squared products: ``(k, *alias.shape)`` if ``per_cotangent``, else summed to ``alias.shape``.
 
-        The second is the gradient the op implies for the summed cotangents
-        weighted by ``c`` per sample, checked against autograd's (``None``
-        where :func:`_first_moment_agrees` checks it from the cotangents at
-        the output instead).  Samples and cotangents are taken in chunks of
-        at most ``budget`` bytes of products.
+        Samples are taken in chunks of at most ``budget`` bytes of products,
+        one cotangent at a time.  ``memo`` holds what the uses of one output
+        share (``Σ_k δ²``) for this block.
         """
-        K, N = delta.shape[0], c.shape[0]
-        k_chunk = int(max(1, min(K, budget // max(self.sample_bytes(1), 1))))
-        n_chunk = int(max(1, min(N, budget // max(self.sample_bytes(k_chunk), 1))))
-        ones = (1,) * self.alias.dim()
-        squares, first = [], None
-        for k0 in range(0, K, k_chunk):
-            part = None
-            for n0 in range(0, N, n_chunk):
-                n1 = min(n0 + n_chunk, N)
-                g = self.products(delta[k0 : k0 + k_chunk], layout, n0, n1)
-                s = (g * g).sum(1)
-                part = s if part is None else part + s
-                m = (g.sum(0) * c[n0:n1].reshape((-1,) + ones)).sum(0)
-                first = m if first is None else first + m
-            squares.append(part)
-        sq = torch.cat(squares) if per_cotangent else sum(p.sum(0) for p in squares)
-        return sq, first
+        N = self.rows(block[0], layout).shape[1]
+        n_chunk = int(max(1, min(N, budget // max(self.sample_bytes(), 1))))
+        sums: list[torch.Tensor | None] = [None] * len(block)
+        for n0 in range(0, N, n_chunk):
+            n1 = min(n0 + n_chunk, N)
+            ready = self.prepare(n0, n1)
+            for k, delta in enumerate(block):
+                g = self.products(delta, layout, n0, n1, ready)
+                s = (g * g).sum(0)
+                sums[k] = s if sums[k] is None else sums[k] + s
+        if per_cotangent:
+            return torch.stack(sums)  # type: ignore[arg-type]
+        total = sums[0]
+        for s in sums[1:]:
+            total += s  # type: ignore[operator]
+        return total  # type: ignore[return-value]
+
+    def agrees(self, delta: torch.Tensor, layout: Layout, grad: torch.Tensor, budget: int) -> bool:
+        """Whether autograd's gradient ``grad`` on the view is what the op implies from the cotangent ``δ`` at ``out``.
+
+        Both for one and the same cotangent of ``z``; the op implies the sum
+        over samples of the per-sample products.
+        """
+        N = self.rows(delta, layout).shape[1]
+        n_chunk = int(max(1, min(N, budget // max(self.sample_bytes(), 1))))
+        total = None
+        for n0 in range(0, N, n_chunk):
+            n1 = min(n0 + n_chunk, N)
+            part = self.products(delta, layout, n0, n1, self.prepare(n0, n1)).sum(0)
+            total = part if total is None else total + part
+        return _close(grad, total)
+
+
+def _delta_squares(block: Block, memo: dict) -> torch.Tensor:
+    """``Σ_k δ_k²`` of a block of cotangents at one output, computed once for all its uses."""
+    key = ("squares", id(block))
+    if key not in memo:
+        total = block[0] * block[0]
+        for d in block[1:]:
+            total.addcmul_(d, d)
+        memo[key] = total
+    return memo[key]
 
 
 @dataclass(eq=False)
@@ -164,25 +193,38 @@ class _Matmul(_Use):
     a: torch.Tensor = None  # type: ignore[assignment]
     right: bool = False
 
-    def products(self, delta: torch.Tensor, layout: Layout, n0: int, n1: int) -> torch.Tensor:
+    def products(self, delta: torch.Tensor, layout: Layout, n0: int, n1: int, ready: Any) -> torch.Tensor:
         A, B = layout
         a = self.a.reshape(A, -1, B, self.a.shape[-1])[:, n0:n1]
-        d = self.samples(delta, layout, n0, n1)
-        return torch.einsum("kanbo,anbi->knio" if self.right else "kanbo,anbi->knoi", d, a)
+        d = self.rows(delta, layout)[:, n0:n1]
+        return torch.einsum("anbo,anbi->nio" if self.right else "anbo,anbi->noi", d, a)
 
-    def square_sums(
-        self, delta: torch.Tensor, layout: Layout, per_cotangent: bool, budget: int, c: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def square_sums(self, block: Block, layout: Layout, per_cotangent: bool, budget: int, memo: dict) -> torch.Tensor:
         if layout != (1, 1):
-            return super().square_sums(delta, layout, per_cotangent, budget, c)
+            return super().square_sums(block, layout, per_cotangent, budget, memo)
         # One row per sample: Σ_n (δ_n a_nᵀ)² = (δ²)ᵀ (a²), no per-sample product formed.
-        d2 = (delta * delta).reshape(delta.shape[0], -1, delta.shape[-1])  # (K, N, out)
-        a2 = (self.a * self.a).reshape(d2.shape[1], -1)  # (N, in)
-        if self.right:  # B is (in, out)
-            sq = torch.einsum("ni,kno->kio", a2, d2) if per_cotangent else a2.T @ d2.sum(0)
-        else:  # W is (out, in)
-            sq = torch.einsum("kno,ni->koi", d2, a2) if per_cotangent else d2.sum(0).T @ a2
-        return sq, None
+        a2 = self.a * self.a
+        a2 = a2.reshape(-1, a2.shape[-1])  # (N, in)
+        if per_cotangent:
+            d2 = [(d * d).reshape(a2.shape[0], -1) for d in block]  # (N, out) each
+            return torch.stack([a2.T @ e if self.right else e.T @ a2 for e in d2])
+        d2 = _delta_squares(block, memo).reshape(a2.shape[0], -1)
+        return a2.T @ d2 if self.right else d2.T @ a2  # B is (in, out), W is (out, in)
+
+    def agrees(self, delta: torch.Tensor, layout: Layout, grad: torch.Tensor, budget: int) -> bool:
+        # Compared along a fixed direction of the output axis, so the check costs products
+        # with vectors only; it sums over every row, so it holds in any layout.
+        d = delta.reshape(-1, delta.shape[-1])
+        a = self.a.reshape(d.shape[0], -1)
+        r = _direction(d.shape[1], d)
+        # The gradient of W (y = a Wᵀ) is δᵀa, that of B (y = a B) aᵀδ.
+        expected, actual = a.T @ (d @ r), (grad @ r if self.right else grad.T @ r)
+        return _close(actual, expected)
+
+
+def _direction(size: int, like: torch.Tensor) -> torch.Tensor:
+    """A fixed direction with no zero and no sign pattern, for checks by projection."""
+    return torch.cos(torch.arange(size, dtype=like.dtype, device=like.device) * 1.7 + 0.3)
 
 
 @dataclass(eq=False)
@@ -196,14 +238,17 @@ class _Shift(_Use):
 
     xhat: Callable[[], torch.Tensor] | None = None
 
-    def products(self, delta: torch.Tensor, layout: Layout, n0: int, n1: int) -> torch.Tensor:
-        d = self.samples(delta, layout, n0, n1)
+    def products(self, delta: torch.Tensor, layout: Layout, n0: int, n1: int, ready: Any) -> torch.Tensor:
+        d = self.rows(delta, layout)[:, n0:n1]
         if self.xhat is not None:
-            A, B = layout
-            d = d * self.xhat().reshape((A, -1, B) + tuple(self.out.shape[self.lead :]))[:, n0:n1]
-        if layout == (1, 1):  # one row per sample: nothing to sum, and no copy
-            return d.reshape((d.shape[0], d.shape[2]) + tuple(d.shape[4:]))
-        return d.sum((1, 3))
+            d = d * self.rows(self.xhat(), layout)[:, n0:n1]
+        return d[0, :, 0] if layout == (1, 1) else d.sum((0, 2))  # one row per sample: a view, no sum
+
+    def square_sums(self, block: Block, layout: Layout, per_cotangent: bool, budget: int, memo: dict) -> torch.Tensor:
+        if layout == (1, 1) and self.xhat is None and not per_cotangent:  # the bias of a linear layer
+            d2 = _delta_squares(block, memo)
+            return d2.reshape((-1,) + tuple(self.alias.shape)).sum(0)
+        return super().square_sums(block, layout, per_cotangent, budget, memo)
 
 
 @dataclass(eq=False)
@@ -212,11 +257,11 @@ class _Channel(_Use):
 
     xhat: Callable[[], torch.Tensor] | None = None
 
-    def products(self, delta: torch.Tensor, layout: Layout, n0: int, n1: int) -> torch.Tensor:
-        d = delta[:, n0:n1]
+    def products(self, delta: torch.Tensor, layout: Layout, n0: int, n1: int, ready: Any) -> torch.Tensor:
+        d = delta[n0:n1]
         if self.xhat is not None:
             d = d * self.xhat()[n0:n1]
-        return d.sum(tuple(range(3, d.dim()))) if d.dim() > 3 else d
+        return d.sum(tuple(range(2, d.dim()))) if d.dim() > 2 else d
 
 
 @dataclass(eq=False)
@@ -229,35 +274,40 @@ class _Conv(_Use):
     dilation: tuple[int, ...] = ()
     groups: int = 1
 
-    def patches(self, n0: int, n1: int) -> torch.Tensor:
-        """The input windows of samples ``n0:n1``, ``(n, C_in, *out_size, *kernel)``: a view of the padded input."""
+    def prepare(self, n0: int, n1: int) -> torch.Tensor:
+        """The input windows of samples ``n0:n1`` as ``(n · groups, C_in / groups · kernel size, positions)``."""
         x = self.x[n0:n1]
         if any(p for pair in self.pads for p in pair):
             x = F.pad(x, [p for pair in reversed(self.pads) for p in pair])  # F.pad lists the last axis first
-        ks = self.alias.shape[2:]
-        for i, (k, s, d) in enumerate(zip(ks, self.stride, self.dilation)):
+        n, G, kernel = x.shape[0], self.groups, tuple(self.alias.shape[2:])
+        if len(kernel) <= 2:  # im2col: channels, then kernel offsets, on rows; output positions on columns
+            one = len(kernel) == 1  # as a 2-d convolution of height 1
+            windows = F.unfold(
+                x[:, :, None] if one else x,
+                (1,) + kernel if one else kernel,
+                dilation=(1,) + self.dilation if one else self.dilation,
+                stride=(1,) + self.stride if one else self.stride,
+            )
+            return windows.reshape(n * G, -1, windows.shape[-1])
+        for i, (k, s, d) in enumerate(zip(kernel, self.stride, self.dilation)):
             x = x.unfold(2 + i, d * (k - 1) + 1, s)  # appends the window axis; the spatial axes keep their place
         if any(d > 1 for d in self.dilation):
             x = x[(Ellipsis,) + tuple(slice(None, None, d) for d in self.dilation)]
-        return x
+        spatial = len(kernel)  # (n, C, *out_size, *kernel) → (n, C, *kernel, *out_size), one copy
+        order = (0, 1) + tuple(range(2 + spatial, 2 + 2 * spatial)) + tuple(range(2, 2 + spatial))
+        return x.permute(order).reshape(n * G, -1, math.prod(x.shape[2 : 2 + spatial]))
 
-    def products(self, delta: torch.Tensor, layout: Layout, n0: int, n1: int) -> torch.Tensor:
-        spatial = self.alias.dim() - 2
-        o, kern = "xyz"[:spatial], "uvw"[:spatial]
-        p = self.patches(n0, n1)
-        n, c_in = p.shape[:2]
-        G = self.groups
-        p = p.reshape((n, G, c_in // G) + tuple(p.shape[2:]))
-        d = delta[:, n0:n1]
-        d = d.reshape(d.shape[:2] + (G, d.shape[2] // G) + tuple(d.shape[3:]))
-        g = torch.einsum(f"kngo{o},ngc{o}{kern}->kngoc{kern}", d, p)
-        return g.reshape((g.shape[0], n) + tuple(self.alias.shape))
+    def products(self, delta: torch.Tensor, layout: Layout, n0: int, n1: int, ready: Any) -> torch.Tensor:
+        d = delta[n0:n1]
+        n, G = d.shape[0], self.groups
+        g = torch.bmm(d.reshape(n * G, d.shape[1] // G, -1), ready.transpose(1, 2))
+        return g.reshape((n,) + tuple(self.alias.shape))
 
-    def sample_bytes(self, k: int) -> int:
+    def sample_bytes(self) -> int:
         item = self.alias.element_size()
         windows = self.x.shape[1] * math.prod(self.out.shape[2:]) * math.prod(self.alias.shape[2:])
-        # Products and their squares, the gathered windows, and δ rearranged for the batched product.
-        return (2 * k * self.alias.numel() + windows + k * math.prod(self.out.shape[1:])) * item
+        # Products and their squares, and the gathered windows.
+        return (2 * self.alias.numel() + windows) * item
 
 
 def _conv_pads(padding: Any, kernel: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[tuple[int, int], ...] | None:
@@ -579,7 +629,8 @@ class _Cotangents:
         self.times: dict[bool, list[float]] = {True: [], False: []}
         self.batched_works = True
 
-    def __call__(self, z: torch.Tensor, outs: list[torch.Tensor], rows: torch.Tensor) -> list[torch.Tensor | None]:
+    def __call__(self, z: torch.Tensor, outs: list[torch.Tensor], rows: torch.Tensor) -> list[Block | None]:
+        """The block of cotangents at each output (``None`` where ``z`` does not depend on it) for ``rows``."""
         if not self.batched_works:
             return self._looped(z, outs, rows)
         batched = self._choice()
@@ -599,7 +650,7 @@ class _Cotangents:
             return None
         return min(self.times[True]) <= min(self.times[False])
 
-    def _batched(self, z: torch.Tensor, outs: list[torch.Tensor], rows: torch.Tensor) -> list[torch.Tensor | None]:
+    def _batched(self, z: torch.Tensor, outs: list[torch.Tensor], rows: torch.Tensor) -> list[Block | None]:
         try:
             return list(torch.autograd.grad(z, outs, rows, retain_graph=True, is_grads_batched=True, allow_unused=True))
         except RuntimeError as err:
@@ -609,9 +660,10 @@ class _Cotangents:
         return self._looped(z, outs, rows)
 
     @staticmethod
-    def _looped(z: torch.Tensor, outs: list[torch.Tensor], rows: torch.Tensor) -> list[torch.Tensor | None]:
+    def _looped(z: torch.Tensor, outs: list[torch.Tensor], rows: torch.Tensor) -> list[Block | None]:
+        # Kept as lists: stacking would copy every cotangent once more (9 ms of 80 on LeNet-5).
         grads = [torch.autograd.grad(z, outs, u, retain_graph=True, allow_unused=True) for u in rows]
-        return [None if grads[0][i] is None else torch.stack([g[i] for g in grads]) for i in range(len(outs))]
+        return [None if grads[0][i] is None else [g[i] for g in grads] for i in range(len(outs))]
 
 
 def _sync(t: torch.Tensor) -> None:
@@ -628,60 +680,56 @@ def _close(actual: torch.Tensor, expected: torch.Tensor) -> bool:
 
 
 def _layout(
-    out: torch.Tensor, lead: int, n: int, delta: torch.Tensor, weighted: torch.Tensor, c: torch.Tensor
+    out: torch.Tensor, lead: int, summed: torch.Tensor, weighted: torch.Tensor, c: torch.Tensor
 ) -> Layout | None:
     """Where the samples are among the leading axes of ``out``, or ``None`` if nowhere.
 
-    ``delta`` is the cotangent at ``out`` of some ``u`` (the samples of ``z``
-    on axis 0), ``weighted`` that of ``u`` with sample ``n`` scaled by
-    ``c[n]``.  A reading ``(A, N, B)`` of the flattened leading axes is right
-    if ``weighted`` is ``delta`` scaled by ``c`` along its middle axis: then
-    every position of that index belongs to that sample alone.  Readings are
-    tried sample-major first (``A = 1``), then sample-minor (``B = 1``), then
-    splits at the other leading axes.
+    ``summed`` and ``weighted`` are the cotangents at ``out`` of some ``u``
+    (the samples of ``z`` on axis 0) and of ``u`` with sample ``n`` scaled by
+    ``c[n]``, each projected along a fixed direction of the features (one
+    number per leading position).  A reading ``(A, N, B)`` of the flattened
+    leading axes is right if ``weighted`` is ``summed`` scaled by ``c`` along
+    its middle axis: then every position of that index belongs to that sample
+    alone.  Readings are tried sample-major first (``A = 1``), then
+    sample-minor (``B = 1``), then splits at the other leading axes.
     """
+    n = c.shape[0]
     leading = tuple(out.shape[:lead])
     M = math.prod(leading)
     if n == 0 or M % n:
         return None
     candidates = [M // n, 1] + [math.prod(leading[i:]) for i in range(1, lead)]
-    features = math.prod(out.shape[lead:])
     for B in dict.fromkeys(candidates):
         if (M // B) % n:
             continue
         A = M // (n * B)
-        d = delta.reshape(A, n, B, features)
-        if _close(weighted.reshape(A, n, B, features), d * c.reshape(1, n, 1, 1)):
+        if _close(weighted.reshape(A, n, B), summed.reshape(A, n, B) * c.reshape(1, n, 1)):
             return A, B
     return None
 
 
-def _first_moment_agrees(use: _Matmul, delta: torch.Tensor, grad: torch.Tensor) -> bool:
-    """Whether autograd's gradient on a row-per-sample matrix product's view is what the op implies.
+def _projected(delta: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """A cotangent at an output, ``(*leading, *features)``, projected along ``r`` over its features."""
+    return delta.reshape(-1, r.shape[0]) @ r
 
-    ``delta`` is the cotangent at the op's output and ``grad`` the gradient
-    on the view, of the same cotangent of ``z``.  Compared along a fixed
-    direction of the output axis, so the check costs products with vectors
-    only.
+
+def _layouts(uses: list[_Use], blocks: dict[int, Block], weighted: dict[int, Any], c: torch.Tensor) -> dict:
+    """:func:`_layout` of every recorded output and number of leading axes, keyed ``(id(out), lead)``.
+
+    ``blocks`` and ``weighted`` hold the cotangents at each output (by
+    ``id``) of the block of cotangents of ``z`` and of their weighted sum.
+    Outputs that ``z`` does not depend on have none.
     """
-    d = delta.reshape(-1, delta.shape[-1])
-    a = use.a.reshape(d.shape[0], -1)
-    r = torch.cos(torch.arange(d.shape[1], dtype=d.dtype, device=d.device) * 1.7 + 0.3)
-    # The gradient of W (y = a Wᵀ) is δᵀa, that of B (y = a B) aᵀδ.
-    expected, actual = a.T @ (d @ r), (grad @ r if use.right else grad.T @ r)
-    return _close(actual, expected)
-
-
-def _layouts(
-    uses: list[_Use], outs: list[torch.Tensor], sums: list[torch.Tensor | None], weighted: list[Any], c: torch.Tensor
-) -> dict[tuple[int, int], Layout | None]:
-    """:func:`_layout` of every recorded output (and number of leading axes) that its cotangents reach."""
-    position = {id(o): i for i, o in enumerate(outs)}
     found: dict[tuple[int, int], Layout | None] = {}
     for use in uses:
-        i, key = position[id(use.out)], (id(use.out), use.lead)
-        if key not in found and sums[i] is not None and weighted[i] is not None:
-            found[key] = _layout(use.out, use.lead, c.shape[0], sums[i], weighted[i], c)
+        key, block, w = (id(use.out), use.lead), blocks.get(id(use.out)), weighted.get(id(use.out))
+        if key in found or block is None or w is None:
+            continue
+        r = _direction(math.prod(use.out.shape[use.lead :]), w)
+        summed = _projected(block[0], r)
+        for d in block[1:]:  # projected first, then summed: products with a vector, no full-size sum
+            summed += _projected(d, r)
+        found[key] = _layout(use.out, use.lead, summed, _projected(w, r), c)
     return found
 
 
@@ -722,27 +770,25 @@ def per_sample_squares(
         u_c = U.sum(0) * c.reshape((N,) + (1,) * (U.dim() - 2))
 
         result = torch.zeros((K, P) if per_cotangent else (P,), dtype=flat.dtype, device=flat.device)
-        firsts: dict[int, torch.Tensor] = {}
         # The usual case: δ of every cotangent at once, and the layouts from their sum.  With chunks
         # of cotangents, the layouts come first, from one more pass of the summed cotangent.
-        first_block = grads(z, outs, U) if k_chunk >= K else None
-        grad, *weighted = torch.autograd.grad(z, [flat, *outs], u_c, retain_graph=True, allow_unused=True)
+        first = grads(z, outs, U) if k_chunk >= K else None
+        grad, *at_outs = torch.autograd.grad(z, [flat, *outs], u_c, retain_graph=True, allow_unused=True)
         grad = torch.zeros_like(flat) if grad is None else grad.detach()
-        summed = grads(z, outs, U.sum(0)[None]) if first_block is None else first_block
-        layouts = _layouts(recorder.uses, outs, [None if d is None else d.sum(0) for d in summed], weighted, c)
-        del summed
+        weighted = {id(o): d for o, d in zip(outs, at_outs)}
+        summed = grads(z, outs, U.sum(0)[None]) if first is None else first
+        layouts = _layouts(recorder.uses, {id(o): d for o, d in zip(outs, summed)}, weighted, c)
+        del summed, at_outs
         for k0 in range(0, K, k_chunk):
             k1 = min(k0 + k_chunk, K)
-            deltas = first_block if first_block is not None else grads(z, outs, U[k0:k1])
-            first_block = None
+            deltas = first if first is not None else grads(z, outs, U[k0:k1])
+            first, memo = None, {}
             for use in recorder.uses:
-                d = deltas[position[id(use.out)]]
+                block = deltas[position[id(use.out)]]
                 layout = layouts.get((id(use.out), use.lead))
-                if d is None or layout is None:
+                if block is None or layout is None:
                     continue
-                part, first = use.square_sums(d, layout, per_cotangent, memory_budget, c)
-                if first is not None:
-                    firsts[id(use)] = first if id(use) not in firsts else firsts[id(use)] + first
+                part = use.square_sums(block, layout, per_cotangent, memory_budget, memo)
                 keep = reads.keep(use)
                 target = _like(result[k0:k1] if per_cotangent else result, use.alias, flat)
                 if keep is True and (per_cotangent or k0 == 0):  # the usual case: nothing else there yet
@@ -751,21 +797,19 @@ def per_sample_squares(
                     target.add_(part)
                 elif keep is not False:
                     target.add_(part * keep)
-            del deltas
+            del deltas, memo
 
         # Guard: autograd's gradient must match the recorded ops on every fast entry,
         # and vanish on every entry no op was seen to read.
         for use in recorder.uses:
-            d, g = weighted[position[id(use.out)]], _like(grad, use.alias, flat)
+            d, g = weighted[id(use.out)], _like(grad, use.alias, flat)
             layout = layouts.get((id(use.out), use.lead))
             if d is None:  # an op whose output does not reach z implies a zero gradient on its entries
                 agrees = bool((g == 0).all())
             elif layout is None:  # no axis of the output holds the samples
                 agrees = False
-            elif id(use) in firsts:
-                agrees = _close(g, firsts[id(use)])
             else:
-                agrees = _first_moment_agrees(use, d, g)
+                agrees = use.agrees(d, layout, g, memory_budget)
             if not agrees:
                 reads.reject(use)
                 _like(result, use.alias, flat).fill_(0)
