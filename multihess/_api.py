@@ -42,9 +42,10 @@ _COMMON_DOC = """
         ``batch_fn(batch) -> (x, y)`` for batches that are not pairs, such as
         dicts: ``batch_fn=lambda b: (b["input_ids"], b["labels"])``.
     progress : bool, optional
-        Progress bars over the batches of a pass (tqdm, when installed):
-        shown once a pass has taken a second by default, from the start with
-        ``True``, never with ``False``.
+        Progress bars (tqdm, when installed) over the batches of a pass and
+        over the passes an estimator plans (``eigvalsh (lanczos): 7/20
+        passes``): shown once the work has taken a second by default, from
+        the start with ``True``, never with ``False``.
     cache_data : bool
         Hold the batches of a one-shot iterator (a generator) in memory so
         that it can be passed over more than once; other sources are
