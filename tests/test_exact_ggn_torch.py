@@ -392,6 +392,7 @@ STRUCTURED = [f"conv{name}" for name in CONVS] + ["residual_bn_eval", "lenet", "
 
 
 @pytest.mark.parametrize("name", STRUCTURED)
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 def test_structured_models_match_the_whole_batch_oracle_without_the_generic_route(name: str, generic_entries) -> None:
     model, x, y, loss = _model(name)
     expected = whole_batch_diagonal(model, x, y, loss)
@@ -457,3 +458,31 @@ def test_a_view_with_gaps_takes_the_generic_route_for_exactly_its_entries(generi
     np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12 * expected.max())
     assert np.all(got[1:8:2] == 0)  # the columns never read
     assert generic_entries == [20]  # the 5 × 4 entries read; the head takes the recorded route
+
+
+class Encoder(nn.Module):
+    """PyTorch's own encoder layer (attention read inside one fused function call), mean-pooled, and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(4, 2, 6, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer(x).mean(1))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap's fallback for fused attention
+def test_transformer_layer_mixes_both_routes(generic_entries) -> None:
+    torch.manual_seed(0)
+    # Training mode with dropout 0 computes the eval function without the fused inference kernel,
+    # which the whole-batch oracle's Jacobian cannot differentiate.
+    model = Encoder().double().train()
+    x, y = _data((4, 3, 4), 3)
+    expected = whole_batch_diagonal(model, x, y, "cross_entropy")
+    got = exact_diagonal(model, x, y, "cross_entropy")
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12 * expected.max())
+    # Only the attention's projections, read inside F.multi_head_attention_forward, take the generic route;
+    # the feed-forward layers, the layer norms and the head take the recorded one.
+    attention = sum(p.numel() for p in model.layer.self_attn.parameters())
+    assert generic_entries == [attention]
