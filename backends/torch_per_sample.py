@@ -148,6 +148,8 @@ class _Use:
         for n0 in range(0, N, n_chunk):
             n1 = min(n0 + n_chunk, N)
             ready = self.prepare(n0, n1)
+            if n1 - n0 == N:  # kept for the check of the same call (see agrees): no second gathering
+                memo[("ready", id(self))] = ready
             for k, delta in enumerate(block):
                 g = self.products(delta, layout, n0, n1, ready)
                 s = (g * g).sum(0)
@@ -159,18 +161,20 @@ class _Use:
             total += s  # type: ignore[operator]
         return total  # type: ignore[return-value]
 
-    def agrees(self, delta: torch.Tensor, layout: Layout, grad: torch.Tensor, budget: int) -> bool:
+    def agrees(self, delta: torch.Tensor, layout: Layout, grad: torch.Tensor, budget: int, memo: dict) -> bool:
         """Whether autograd's gradient ``grad`` on the view is what the op implies from the cotangent ``δ`` at ``out``.
 
         Both for one and the same cotangent of ``z``; the op implies the sum
-        over samples of the per-sample products.
+        over samples of the per-sample products.  ``memo`` may hold what
+        :meth:`square_sums` prepared for all samples at once.
         """
         N = self.rows(delta, layout).shape[1]
         n_chunk = int(max(1, min(N, budget // max(self.sample_bytes(), 1))))
         total = None
         for n0 in range(0, N, n_chunk):
             n1 = min(n0 + n_chunk, N)
-            part = self.products(delta, layout, n0, n1, self.prepare(n0, n1)).sum(0)
+            ready = memo.pop(("ready", id(self)), None) if n1 - n0 == N else None
+            part = self.products(delta, layout, n0, n1, self.prepare(n0, n1) if ready is None else ready).sum(0)
             total = part if total is None else total + part
         return _close(grad, total)
 
@@ -211,7 +215,7 @@ class _Matmul(_Use):
         d2 = _delta_squares(block, memo).reshape(a2.shape[0], -1)
         return a2.T @ d2 if self.right else d2.T @ a2  # B is (in, out), W is (out, in)
 
-    def agrees(self, delta: torch.Tensor, layout: Layout, grad: torch.Tensor, budget: int) -> bool:
+    def agrees(self, delta: torch.Tensor, layout: Layout, grad: torch.Tensor, budget: int, memo: dict) -> bool:
         # Compared along a fixed direction of the output axis, so the check costs products
         # with vectors only; it sums over every row, so it holds in any layout.
         d = delta.reshape(-1, delta.shape[-1])
@@ -623,7 +627,7 @@ class _Cotangents:
     the faster; both give the same numbers up to rounding.
     """
 
-    TRIALS = 2  # timed calls of each pass before choosing
+    TRIALS = 3  # timed calls of each pass before choosing: the fastest of three shrugs off a busy machine
 
     def __init__(self) -> None:
         self.times: dict[bool, list[float]] = {True: [], False: []}
@@ -797,6 +801,7 @@ def per_sample_squares(
                     target.add_(part)
                 elif keep is not False:
                     target.add_(part * keep)
+            kept = {key: v for key, v in memo.items() if key[0] == "ready"}  # windows the checks may reuse
             del deltas, memo
 
         # Guard: autograd's gradient must match the recorded ops on every fast entry,
@@ -809,7 +814,7 @@ def per_sample_squares(
             elif layout is None:  # no axis of the output holds the samples
                 agrees = False
             else:
-                agrees = use.agrees(d, layout, g, memory_budget)
+                agrees = use.agrees(d, layout, g, memory_budget, kept)
             if not agrees:
                 reads.reject(use)
                 _like(result, use.alias, flat).fill_(0)
