@@ -18,12 +18,17 @@ pass already has, has a per-sample product made from that cotangent alone:
   ``F.layer_norm``: ``Σ_t δ_nt x̂_nt`` for the scale, ``Σ_t δ_nt`` for the
   shift, ``x̂`` the normalized input,
 
-where ``δ = ∂⟨z, u⟩/∂y`` is the cotangent at the op's output; one batched
-backward pass gives ``δ`` at every such output for all ``K`` cotangents.  For
-a matrix of one row per sample ``Σ_n (δ_n a_nᵀ)² = (δ²)ᵀ (a²)``: one matrix
-product.  Otherwise the per-sample products of that one parameter are formed
-from ``δ`` in chunks of samples bounded by the memory budget (as BackPACK
-does), never through the rest of the network.
+where ``δ = ∂⟨z, u⟩/∂y`` is the cotangent at the op's output; backward passes
+to the recorded outputs only (vmapped over the ``K`` cotangents, or one per
+cotangent, whichever is faster, see :class:`_Cotangents`) give ``δ`` at every
+such output.  For a matrix of one row per sample
+``Σ_n (δ_n a_nᵀ)² = (δ²)ᵀ (a²)``: one matrix product.  Otherwise the
+per-sample products of that one parameter are formed from ``δ`` in chunks of
+samples bounded by the memory budget (as BackPACK does; for a convolution a
+batched product of ``δ_n`` with the gathered input windows), never through
+the rest of the network.  On a loaded 2-core CPU (one thread, CPU time) this
+takes LeNet-5's exact diagonal from 106 to 4.0 gradients (BackPACK's
+``DiagGGNExact``: 4.0) and its peak memory from 606 to 35 MiB.
 
 The forward pass is recorded with a ``TorchFunctionMode``, which sees every
 torch function that reads a view of the flat parameter vector.  An entry read
@@ -33,15 +38,16 @@ read at all (embeddings, tied weights, ops inside fused composites such as
 route, restricted to those entries.  Nothing depends on a list of layers:
 unrecognized reads are merely slower.  Two guards keep the result exact:
 
-- which axis of an op's output holds the samples is found, not assumed: a
-  cotangent weighted by a random factor per sample must give the op's
-  cotangent weighted by the same factors along that axis (a linear layer
+- which axis of an op's output holds the samples is found, not assumed: the
+  cotangents summed and weighted by a random factor per sample must give the
+  op's summed cotangent weighted by the same factors along that axis (a linear layer
   applied to a ``(T·N, D)`` reshape of a batch, or to a ``(T, N, D)`` layout,
   has rows that are not samples); an op where no axis passes goes the
   generic route;
 - against reads the mode cannot see (an extension op handed a parameter
-  directly), the gradient of ``⟨z, Σ_k u_k⟩`` is compared with what the
-  recorded ops imply; entries where they disagree go the generic route too.
+  directly), autograd's gradient for that weighted cotangent (the same
+  backward pass) is compared with what the recorded ops imply; entries
+  where they disagree go the generic route too.
 """
 
 from __future__ import annotations
