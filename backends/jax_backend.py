@@ -220,3 +220,16 @@ class JaxBackend(Backend):
 
     def stop_gradient(self, x: Array) -> Array:
         return jax.lax.stop_gradient(x)
+
+    def per_sample_squares(
+        self, f: Callable[[Array, Any], Array], per_cotangent: bool = False
+    ) -> Callable[[Array, Any, Callable[[Array], Array], int], Array]:
+        """Squared per-sample products from the jaxpr of ``f`` (see :mod:`.jax_per_sample`).
+
+        Parameters read once by a matrix product or an added bias take a
+        structured route; every other read entry takes the generic route.
+        """
+        from .._per_sample import generic_squares
+        from .jax_per_sample import per_sample_squares
+
+        return per_sample_squares(self, f, per_cotangent, generic_squares)

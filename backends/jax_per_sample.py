@@ -1,0 +1,756 @@
+"""Sums of squared per-sample products in JAX from the model's jaxpr, without the generic per-sample route.
+
+The exact GGN diagonal is ``Σ_n Σ_k (J_nᵀ u_nk)²``.  The generic route
+(:func:`multihess._per_sample.generic_squares`) forms every per-sample product
+through a per-sample backward pass of the whole network: ``K·N·P`` numbers.
+But a parameter entry that the model reads once, through an op whose
+derivative in that parameter is a contraction of the cotangent ``δ`` at the
+op's output with something the forward pass already has, has a per-sample
+product made from ``δ`` alone:
+
+- ``y = dot_general(a, W)`` (either operand order, any contracting axis of
+  ``W``, ``a`` one row per sample): ``a_n ⊗ δ_n``, so
+  ``Σ_n (a_n ⊗ δ_n)² = (a²)ᵀ(δ²)``, one matrix product;
+- ``y = h ± b`` with ``b`` broadcast over some axes of ``h`` (a dense or a
+  convolution bias): ``±δ_n`` summed over the broadcast axes.
+
+``δ = ∂⟨z_n, u⟩/∂y`` comes from one backward pass, vmapped over the ``K``
+cotangents, of a re-evaluation of the jaxpr that adds a zero "probe" to each
+such ``y``: the cotangent of a probe is ``δ``.
+
+What is seen.  The model is traced once per input shape, on a batch of one
+sample (``jax.make_jaxpr``), and the re-evaluation is vmapped over the
+samples, exactly as the generic route defines ``J_n`` (``f(w, x[n:n+1])``):
+so every value in the trace belongs to one sample and no layout has to be
+guessed.  Variables that are pure views of the flat vector ``w`` are tracked
+through ``slice``, ``reshape``, ``squeeze``, ``transpose``, ``copy``,
+float-to-float ``convert_element_type`` and ``broadcast_in_dim`` (as arrays
+of indices into ``w``), and into the sub-jaxprs of ``jit``/``pjit`` and
+``closed_call`` equations that receive a view (flax, equinox and ``jnp``
+functions may nest those).  Every other equation that receives a view is an
+"other read": ``custom_jvp``/``custom_vjp`` calls, ``checkpoint``, control
+flow and everything else are not entered (entering them would drop their
+custom rules), convolutions, norms (``x * scale``), embeddings (gathers),
+``dot_general`` with batch dimensions or an activation of more than one row
+per sample (sequences), and views read by two ops (tied weights).
+
+An entry read exactly once, by a recognized op, takes the structured route.
+Every other entry that is read goes through the generic per-sample route
+restricted to those entries: the reads of their views are replaced by slices
+of a shorter vector ``v``, so the per-sample backward passes produce ``K·N·|v|``
+numbers and nothing for the other entries.  Entries nothing reads have a
+zero diagonal.  Both routes share one forward and one backward pass per
+chunk of samples and cotangents, compiled once per input shape with
+``jax.jit``.
+
+Guard (as in the PyTorch route): the first moment of the structured
+products, ``Σ_n Σ_k`` of them, must equal the gradient of ``⟨z, Σ_k u_k⟩``
+from an ordinary VJP of ``f``; a recognized op whose entries disagree is sent
+to the generic route (recompiled once, then kept for that input shape).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import ClosedJaxpr, Jaxpr, Literal, Var
+
+from .._backend import Backend
+
+Array = jax.Array
+Squares = Callable[[Array, Any, Callable[[Array], Array], int], Array]
+Path = tuple[int, ...]
+"""Indices of the enclosing call equations, outermost first: ``()`` for the model's own jaxpr."""
+Key = tuple[Path, int]
+"""One equation: its path and its index in that jaxpr."""
+
+_CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr"}
+"""Call primitives entered when they receive a parameter view, and the parameter holding their ClosedJaxpr."""
+
+
+# ----------------------------------------------------------------------
+# Parameter views: index arrays into w
+# ----------------------------------------------------------------------
+def _view_of(eqn: Any, operand: np.ndarray) -> np.ndarray | None:
+    """The indices into ``w`` of a view op's output, given those of its only operand; ``None`` if not a view op.
+
+    Index arrays are NumPy views of ``arange(P)`` wherever NumPy can make
+    them (slices, reshapes, transposes, broadcasts), so tracking costs little
+    beyond one array of ``P`` integers.
+    """
+    name, params = eqn.primitive.name, eqn.params
+    if len(eqn.invars) != 1 or len(eqn.outvars) != 1:
+        return None
+    if name == "slice":
+        strides = params["strides"] or (1,) * operand.ndim
+        return operand[
+            tuple(slice(a, b, s) for a, b, s in zip(params["start_indices"], params["limit_indices"], strides))
+        ]
+    if name == "reshape" and params.get("dimensions") is None:
+        return operand.reshape(params["new_sizes"])
+    if name == "squeeze":
+        return np.squeeze(operand, axis=tuple(int(d) for d in params["dimensions"]))
+    if name == "transpose":
+        return operand.transpose(tuple(int(d) for d in params["permutation"]))
+    if name == "copy" or name == "copy_p":
+        return operand
+    if name == "convert_element_type":
+        # Float to float keeps the derivative (up to rounding); to an integer it would cut it.
+        src, dst = eqn.invars[0].aval.dtype, params["new_dtype"]
+        return operand if jnp.issubdtype(src, jnp.floating) and jnp.issubdtype(dst, jnp.floating) else None
+    if name == "broadcast_in_dim":
+        shape = tuple(int(d) for d in params["shape"])
+        expanded = [1] * len(shape)
+        for i, d in enumerate(params["broadcast_dimensions"]):
+            expanded[int(d)] = operand.shape[i]
+        return np.broadcast_to(operand.reshape(expanded), shape)
+    return None
+
+
+def _distinct(idx: np.ndarray) -> bool:
+    """Whether an index array names every entry at most once."""
+    return np.unique(idx).size == idx.size
+
+
+def _is_contiguous(flat: np.ndarray) -> bool:
+    """Whether a 1-D index array is ``start, start + 1, ...``."""
+    return flat.size == 0 or (flat[-1] - flat[0] == flat.size - 1 and bool(np.all(np.diff(flat) == 1)))
+
+
+# ----------------------------------------------------------------------
+# Recognized reads
+# ----------------------------------------------------------------------
+@dataclass(eq=False)
+class _Use:
+    """One recognized read of a parameter view by the equation ``key``.
+
+    ``operand`` is the position of the view among the equation's operands and
+    ``view`` its index array (as the equation sees it); ``entries`` are the
+    entries of ``w`` the per-sample product covers, in the layout of the
+    product (each once).
+    """
+
+    key: Key
+    kind: str  # "dense" or "bias"
+    operand: int
+    view: np.ndarray
+    entries: np.ndarray
+    out: Var
+    # dense: the activation's operand position, the transposition putting its contracted axes first (in the
+    # order of the parameter's), and how the product (in, free) maps onto the parameter's axes
+    act: int = -1
+    act_perm: tuple[int, ...] = ()
+    in_size: int = 0
+    free_size: int = 0
+    param_shape: tuple[int, ...] = ()  # the parameter's axes reordered: contracted first, then free
+    param_inverse: tuple[int, ...] = ()
+    # bias: the output axes summed over, the sign of the parameter, and the activation added to it
+    axes: tuple[int, ...] = ()
+    sign: float = 1.0
+    addend: Any = None
+    passes: bool = True  # whether the cotangent at the addend is δ itself (not -δ, as in ``b - h``)
+    slot: int = -1  # the probe whose cotangent is δ at this use's output
+
+
+def _dense(eqn: Any, key: Key, views: list[np.ndarray | None]) -> _Use | None:
+    """``dot_general`` of one parameter view and an activation of one row (free size 1), no batch axes."""
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    if lb or rb or (views[0] is None) == (views[1] is None):
+        return None
+    p = 0 if views[0] is not None else 1
+    a = 1 - p
+    view = views[p]
+    act_aval = eqn.invars[a].aval
+    if not jnp.issubdtype(act_aval.dtype, jnp.floating) or not _distinct(view):
+        return None
+    p_c = tuple(int(d) for d in (lc if p == 0 else rc))
+    a_c = tuple(int(d) for d in (rc if p == 0 else lc))
+    a_free = tuple(d for d in range(len(act_aval.shape)) if d not in a_c)
+    if math.prod(act_aval.shape[d] for d in a_free) != 1:
+        return None  # more than one row per sample: a sequence, left to the generic route
+    p_free = tuple(d for d in range(view.ndim) if d not in p_c)
+    order = p_c + p_free
+    in_size = math.prod(view.shape[d] for d in p_c)
+    free_size = math.prod(view.shape[d] for d in p_free)
+    return _Use(
+        key,
+        "dense",
+        p,
+        view,
+        view,
+        eqn.outvars[0],
+        act=a,
+        act_perm=a_c + a_free,
+        in_size=in_size,
+        free_size=free_size,
+        param_shape=tuple(view.shape[d] for d in order),
+        param_inverse=tuple(int(i) for i in np.argsort(order)),
+    )
+
+
+def _bias(eqn: Any, key: Key, views: list[np.ndarray | None]) -> _Use | None:
+    """``h + b``, ``b + h``, ``h - b`` or ``b - h`` with ``b`` a parameter view broadcast over some output axes."""
+    if (views[0] is None) == (views[1] is None):
+        return None
+    p = 0 if views[0] is not None else 1
+    out_shape = tuple(eqn.outvars[0].aval.shape)
+    try:
+        spread = np.broadcast_to(views[p], out_shape)
+    except ValueError:
+        return None
+    # Axes along which the view repeats one entry are summed over; the rest must name each entry once.
+    axes = tuple(a for a in range(len(out_shape)) if bool(np.all(spread == spread.take([0], axis=a))))
+    reduced = spread[tuple(0 if a in axes else slice(None) for a in range(len(out_shape)))]
+    if not _distinct(reduced):
+        return None
+    sub = eqn.primitive.name == "sub"
+    return _Use(
+        key,
+        "bias",
+        p,
+        views[p],
+        reduced,
+        eqn.outvars[0],
+        axes=axes,
+        sign=-1.0 if sub and p == 1 else 1.0,
+        addend=eqn.invars[1 - p],
+        passes=not (sub and p == 0),
+    )
+
+
+_RECOGNIZERS: dict[str, Callable[[Any, Key, list[np.ndarray | None]], _Use | None]] = {
+    "dot_general": _dense,
+    "add": _bias,
+    "sub": _bias,
+}
+
+
+# ----------------------------------------------------------------------
+# The plan: what is read where, and which route each entry takes
+# ----------------------------------------------------------------------
+@dataclass
+class _Plan:
+    """The analysis of one per-sample jaxpr (static: NumPy and Python only)."""
+
+    closed: ClosedJaxpr
+    P: int
+    uses: list[_Use]  # recognized reads whose entries take the structured route
+    probes: list[tuple[tuple[int, ...], Any]]  # shape and dtype of each probe (one sample)
+    probe_at: dict[Key, int]  # equation -> probe added to its output
+    record: dict[Key, list[int]]  # equation -> uses whose activation it provides
+    inline: set[Key]  # call equations evaluated equation by equation
+    replace: dict[Key, list[tuple[int, tuple]]]  # equation -> (operand, how to read it from v)
+    replace_out: list[tuple[int, tuple]]  # the same for the jaxpr's outputs
+    slow: list[tuple[int, int, int]]  # (start, stop, offset in v) of the entries for the generic route
+    work: int  # float entries of one sample's activations: the backward pass's working set per cotangent
+
+    @property
+    def S(self) -> int:
+        return sum(b - a for a, b, _ in self.slow)
+
+
+def _analyse(closed: ClosedJaxpr, P: int, rejected: frozenset[Key]) -> _Plan:
+    """Track the views of ``w`` (the jaxpr's first input), recognize reads, and route every entry."""
+    candidates: list[_Use] = []
+    others: list[tuple[Key, int, np.ndarray]] = []  # (equation, operand, view) of every other read
+    inline: set[Key] = set()
+    counts: dict[tuple[Path, Var], int] = {}
+    work = 0
+
+    def walk(jaxpr: Jaxpr, given: dict[Var, np.ndarray], path: Path) -> list[np.ndarray | None]:
+        nonlocal work
+        views = dict(given)
+        for eqn in jaxpr.eqns:
+            for v in eqn.invars:
+                if isinstance(v, Var):
+                    counts[(path, v)] = counts.get((path, v), 0) + 1
+        for v in jaxpr.outvars:
+            if isinstance(v, Var):
+                counts[(path, v)] = counts.get((path, v), 0) + 1
+        for i, eqn in enumerate(jaxpr.eqns):
+            key = (path, i)
+            operands = [views.get(v) if isinstance(v, Var) else None for v in eqn.invars]
+            if all(o is None for o in operands):
+                if eqn.primitive.name not in _CALLS:
+                    work += sum(_float_size(o.aval) for o in eqn.outvars)
+                continue
+            if sum(o is not None for o in operands) == 1 and operands[0] is not None:
+                out = _view_of(eqn, operands[0])
+                if out is not None:
+                    views[eqn.outvars[0]] = out
+                    continue
+            sub = eqn.params.get(_CALLS.get(eqn.primitive.name, ""))
+            if isinstance(sub, ClosedJaxpr):
+                inline.add(key)
+                given_sub = {sv: o for sv, o in zip(sub.jaxpr.invars, operands) if o is not None}
+                for outer, inner in zip(eqn.outvars, walk(sub.jaxpr, given_sub, path + (i,))):
+                    if inner is not None:
+                        views[outer] = inner
+                continue
+            recognize = _RECOGNIZERS.get(eqn.primitive.name)
+            use = recognize(eqn, key, operands) if recognize is not None and key not in rejected else None
+            if use is not None:
+                candidates.append(use)
+                work += sum(_float_size(o.aval) for o in eqn.outvars)
+                continue
+            others.extend((key, j, o) for j, o in enumerate(operands) if o is not None)
+            work += sum(_float_size(o.aval) for o in eqn.outvars)
+        return [views.get(v) if isinstance(v, Var) else None for v in jaxpr.outvars]
+
+    top = walk(closed.jaxpr, {closed.jaxpr.invars[0]: np.arange(P)}, ())
+    out_reads = [(j, o) for j, o in enumerate(top) if o is not None]
+
+    # Count reads per entry: a recognized use reads each of its entries once; others read theirs at least once.
+    recognized = np.zeros(P, dtype=np.int64)
+    other = np.zeros(P, dtype=bool)
+    for use in candidates:
+        recognized += np.bincount(use.entries.ravel(), minlength=P)
+    for *_, o in others:
+        other[o.ravel()] = True
+    for _, o in out_reads:
+        other[o.ravel()] = True
+    fast = (recognized == 1) & ~other
+    # A use with any entry read elsewhere too goes to the generic route whole; its entries were then
+    # read at least twice, so no other use changes its mind (one pass suffices).
+    uses = []
+    for use in candidates:
+        if bool(np.all(fast[use.entries])):
+            uses.append(use)
+        else:
+            others.append((use.key, use.operand, use.view))
+    covered = np.zeros(P, dtype=bool)
+    for use in uses:
+        covered[use.entries.ravel()] = True
+    read = (recognized > 0) | other
+    slow_mask = read & ~covered
+
+    # The entries for the generic route as ranges of w, packed into v in order.
+    edges = np.flatnonzero(np.diff(np.concatenate([[False], slow_mask, [False]]).astype(np.int8)))
+    slow, offset = [], 0
+    for a, b in zip(edges[::2], edges[1::2]):
+        slow.append((int(a), int(b), offset))
+        offset += int(b - a)
+    position = np.full(P, -1, dtype=np.int64)
+    position[slow_mask] = np.arange(offset)
+
+    replace: dict[Key, list[tuple[int, tuple]]] = {}
+    for key, j, o in others:
+        replace.setdefault(key, []).append((j, _reader(position[o])))
+    replace_out = [(j, _reader(position[o])) for j, o in out_reads]
+
+    # Probes: one per output of a recognized op; a dense output read only by a recognized bias added to it
+    # has the bias's δ (the sum passes the cotangent through unchanged), so it shares that probe.
+    probes: list[tuple[tuple[int, ...], Any]] = []
+    probe_at: dict[Key, int] = {}
+    record: dict[Key, list[int]] = {}
+    bias_of = {
+        (u.key[0], u.addend): u
+        for u in uses
+        if u.kind == "bias" and u.passes and isinstance(u.addend, Var) and u.addend.aval.shape == u.out.aval.shape
+    }
+    for u in uses:
+        if u.kind == "bias":
+            probe_at[u.key] = len(probes)
+            probes.append((tuple(u.out.aval.shape), u.out.aval.dtype))
+    for i, u in enumerate(uses):
+        if u.kind == "dense":
+            record.setdefault(u.key, []).append(i)
+            target = bias_of.get((u.key[0], u.out))
+            if target is not None and counts.get((u.key[0], u.out), 0) == 1:
+                u.slot = probe_at[target.key]
+                continue
+            probe_at[u.key] = len(probes)
+            probes.append((tuple(u.out.aval.shape), u.out.aval.dtype))
+    for u in uses:
+        if u.slot < 0:
+            u.slot = probe_at[u.key]
+    return _Plan(closed, P, uses, probes, probe_at, record, inline, replace, replace_out, slow, work)
+
+
+def _trace(f: Callable[[Array, Any], Array], w: Any, leaves: Sequence[Any], treedef: Any) -> ClosedJaxpr:
+    """The jaxpr of ``f`` on one sample: ``w`` first, then the leaves of the inputs, each with a batch of one."""
+    one = [jax.ShapeDtypeStruct((1,) + tuple(a.shape[1:]), a.dtype) for a in leaves]
+    return jax.make_jaxpr(lambda w_, *xs: f(w_, jax.tree_util.tree_unflatten(treedef, xs)))(
+        jax.ShapeDtypeStruct(w.shape, w.dtype), *one
+    )
+
+
+def structured_entries(f: Callable[[Array, Any], Array], w: Array, x: Any) -> np.ndarray:
+    """Which entries of ``w`` the analysis of ``f`` sends to the structured route (before the guard runs).
+
+    Parameters
+    ----------
+    f : callable
+        ``f(w, x)`` as for :func:`per_sample_squares`.
+    w : jax.Array
+        Flat parameters ``(P,)``.
+    x : array or tuple of arrays
+        A batch of inputs (only shapes and dtypes are used).
+
+    Returns
+    -------
+    numpy.ndarray
+        Boolean ``(P,)``: ``True`` where the per-sample products come from a
+        recognized op; ``False`` for entries of the generic route and for
+        entries nothing reads.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(x)
+    plan = _analyse(_trace(f, w, leaves, treedef), int(w.shape[0]), frozenset())
+    mask = np.zeros(plan.P, dtype=bool)
+    for use in plan.uses:
+        mask[use.entries.ravel()] = True
+    return mask
+
+
+def _float_size(aval: Any) -> int:
+    dtype = getattr(aval, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        return 0
+    return math.prod(aval.shape)
+
+
+def _reader(positions: np.ndarray) -> tuple:
+    """How to read a view whose entries all take the generic route from ``v``: a slice where they are in order."""
+    if positions.size and bool(np.any(positions < 0)):
+        raise AssertionError("a read of entries outside the generic route")  # every other read is routed there
+    flat = positions.ravel()
+    if _is_contiguous(flat):
+        return ("slice", int(flat[0]) if flat.size else 0, positions.shape)
+    return ("take", positions)
+
+
+# ----------------------------------------------------------------------
+# Re-evaluation with probes
+# ----------------------------------------------------------------------
+def _read_v(v: Array, how: tuple, dtype: Any) -> Array:
+    if how[0] == "slice":
+        _, start, shape = how
+        part = jax.lax.slice_in_dim(v, start, start + math.prod(shape)).reshape(shape)
+    else:
+        part = jnp.take(v, how[1])
+    return part.astype(dtype)
+
+
+def _evaluate(
+    plan: _Plan, w: Array, v: Array, x_leaves: Sequence[Array], probes: Sequence[Array]
+) -> tuple[list[Array], dict[int, Array]]:
+    """The jaxpr's outputs with probes added and reads of generic entries taken from ``v``, and the activations."""
+    acts: dict[int, Array] = {}
+
+    def run(jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[Any], path: Path) -> list[Any]:
+        env: dict[Var, Any] = {}
+
+        def read(a: Any) -> Any:
+            return a.val if isinstance(a, Literal) else env[a]
+
+        for var, val in zip(jaxpr.constvars, consts):
+            env[var] = val
+        for var, val in zip(jaxpr.invars, args):
+            env[var] = val
+        for i, eqn in enumerate(jaxpr.eqns):
+            key = (path, i)
+            invals = [read(a) for a in eqn.invars]
+            for j, how in plan.replace.get(key, ()):
+                invals[j] = _read_v(v, how, eqn.invars[j].aval.dtype)
+            if key in plan.inline:
+                sub = eqn.params[_CALLS[eqn.primitive.name]]
+                outs = run(sub.jaxpr, sub.consts, invals, path + (i,))
+            else:
+                params = eqn.primitive.get_bind_params(eqn.params)
+                if isinstance(params, tuple):  # older JAX: (subfuns, params)
+                    subfuns, params = params
+                    invals = [*subfuns, *invals]
+                with eqn.ctx.manager:
+                    ans = eqn.primitive.bind(*invals, **params)
+                outs = list(ans) if eqn.primitive.multiple_results else [ans]
+            for u in plan.record.get(key, ()):
+                acts[u] = invals[plan.uses[u].act]
+            slot = plan.probe_at.get(key)
+            if slot is not None:
+                outs[0] = outs[0] + probes[slot]
+            for var, val in zip(eqn.outvars, outs):
+                env[var] = val
+        return [read(a) for a in jaxpr.outvars]
+
+    closed = plan.closed
+    outs = run(closed.jaxpr, closed.consts, [w, *x_leaves], ())
+    for j, how in plan.replace_out:
+        outs[j] = _read_v(v, how, closed.jaxpr.outvars[j].aval.dtype)
+    return outs, acts
+
+
+# ----------------------------------------------------------------------
+# Products, squares and their placement in w
+# ----------------------------------------------------------------------
+def _dense_factors(use: _Use, act: Array, delta: Array, dtype: Any) -> tuple[Array, Array]:
+    """``a`` as ``(n, in)`` and ``δ`` as ``(n, k, free)``, in the dtype the squares are summed in."""
+    n = act.shape[0]
+    a = jnp.transpose(act, (0,) + tuple(1 + d for d in use.act_perm)).reshape(n, use.in_size).astype(dtype)
+    return a, delta.reshape(n, delta.shape[1], use.free_size).astype(dtype)
+
+
+def _to_param_layout(use: _Use, q: Array, lead: int) -> Array:
+    """A dense product ``(*lead axes, in, free)`` in the layout of the parameter view."""
+    shape = q.shape[:lead] + use.param_shape
+    return jnp.transpose(q.reshape(shape), tuple(range(lead)) + tuple(lead + d for d in use.param_inverse))
+
+
+def _bias_product(use: _Use, delta: Array, dtype: Any) -> Array:
+    """``δ`` summed over the broadcast axes: the per-sample product ``(n, k, *reduced)`` (sign left out)."""
+    return jnp.sum(delta.astype(dtype), axis=tuple(2 + a for a in use.axes))
+
+
+def _place(pieces: list[tuple[np.ndarray, Array]], P: int, lead: tuple[int, ...], dtype: Any) -> Array:
+    """A vector ``(*lead, P)`` with each part at its entries and zeros elsewhere.
+
+    Parts whose entries form a range (in some order) are concatenated in
+    place, reordered by a static gather if needed; others are scattered.
+    """
+    ranges: list[tuple[int, Array]] = []
+    scattered: list[tuple[np.ndarray, Array]] = []
+    for entries, part in pieces:
+        flat = entries.ravel()
+        values = part.reshape(lead + (flat.size,))
+        if flat.size == 0:
+            continue
+        order = np.argsort(flat, kind="stable")
+        if not _is_contiguous(flat[order]):
+            scattered.append((flat, values))
+            continue
+        if not bool(np.all(order == np.arange(flat.size))):
+            values = jnp.take(values, order, axis=-1)
+        ranges.append((int(flat[order[0]]), values))
+    ranges.sort(key=lambda r: r[0])
+    parts, stop = [], 0
+    for start, values in ranges:
+        if start > stop:
+            parts.append(jnp.zeros(lead + (start - stop,), dtype))
+        parts.append(values)
+        stop = start + values.shape[-1]
+    if stop < P:
+        parts.append(jnp.zeros(lead + (P - stop,), dtype))
+    out = jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+    for flat, values in scattered:
+        out = out.at[..., flat].add(values)
+    return out
+
+
+def _take(vector: Array, entries: np.ndarray) -> Array:
+    """Entries of a ``(P,)`` vector, shaped like ``entries``: a slice where they are a range in order."""
+    flat = entries.ravel()
+    if _is_contiguous(flat):
+        start = int(flat[0]) if flat.size else 0
+        return jax.lax.slice_in_dim(vector, start, start + flat.size).reshape(entries.shape)
+    return jnp.take(vector, entries)
+
+
+# ----------------------------------------------------------------------
+# The squares function
+# ----------------------------------------------------------------------
+@dataclass
+class _Compiled:
+    """A plan, its compiled chunk function, and which of its recognized ops the guard has verified."""
+
+    plan: _Plan
+    chunk: Callable[..., tuple[Array, Array]]
+    rejected: frozenset[Key] = field(default_factory=frozenset)
+    verified: set[int] = field(default_factory=set)
+
+    @property
+    def checking(self) -> bool:
+        return len(self.verified) < len(self.plan.uses)
+
+
+def _tolerance(dtypes: Sequence[Any]) -> float:
+    """``10 √ε`` of the least precise dtype among the activations and the result (both sides round differently)."""
+    eps = max(float(jnp.finfo(d).eps) for d in dtypes)
+    return 10.0 * math.sqrt(eps)
+
+
+def per_sample_squares(
+    backend: Backend, f: Callable[[Array, Any], Array], per_cotangent: bool, generic: Callable[..., Squares]
+) -> Squares:
+    """``squares(w, x, cotangents, memory_budget)`` of :meth:`Backend.per_sample_squares`, from the jaxpr of ``f``.
+
+    ``generic(backend, f, per_cotangent)`` gives the generic route's
+    function, used whole when nothing is recognized (or the model cannot be
+    traced on one sample).
+
+    Parameters
+    ----------
+    backend : Backend
+        The JAX backend (for the generic route).
+    f : callable
+        ``f(w, x)``: flat parameters and a batch of inputs (an array or a tuple
+        of arrays, samples along axis 0) to outputs ``(N, ...)``.
+    per_cotangent : bool
+        Whether the result keeps one row per cotangent, ``(K, P)``, or sums
+        them, ``(P,)``.
+    generic : callable
+        :func:`multihess._per_sample.generic_squares`.
+
+    Returns
+    -------
+    callable
+        ``squares(w, x, cotangents, memory_budget)``.
+    """
+    compiled: dict[Hashable, _Compiled] = {}
+    whole: list[Squares] = []
+    forward = jax.jit(f)
+
+    def fallback() -> Squares:
+        if not whole:
+            whole.append(generic(backend, f, per_cotangent))
+        return whole[0]
+
+    def build(w: Array, leaves: list[Array], treedef: Any, rejected: frozenset[Key]) -> _Compiled | None:
+        try:
+            closed = _trace(f, w, leaves, treedef)
+        except Exception:  # a model that cannot run on one sample: the generic route decides what to do
+            return None
+        plan = _analyse(closed, int(w.shape[0]), rejected)
+        if not plan.uses or len(closed.jaxpr.outvars) != 1:
+            return None
+        return _Compiled(plan, _chunk_function(plan, f, treedef, per_cotangent), rejected=rejected)
+
+    def squares(w: Array, x: Any, cotangents: Callable[[Array], Array], memory_budget: int) -> Array:
+        leaves, treedef = jax.tree_util.tree_flatten(x)
+        if not leaves or not all(isinstance(a, jax.Array) and a.ndim >= 1 for a in leaves):
+            return fallback()(w, x, cotangents, memory_budget)
+        signature = (w.shape, w.dtype, treedef, tuple((a.shape[1:], a.dtype) for a in leaves))
+        entry = compiled.get(signature)
+        if entry is None:
+            entry = build(w, leaves, treedef, frozenset())
+            compiled[signature] = entry if entry is not None else False  # type: ignore[assignment]
+        if not entry:
+            return fallback()(w, x, cotangents, memory_budget)
+
+        U = cotangents(jax.lax.stop_gradient(forward(w, x)))
+        while True:
+            result, rejected = _run(entry, w, leaves, U, memory_budget)
+            if not rejected:
+                return result
+            # A recognized op whose products disagree with autograd: send it to the generic route for good.
+            entry = build(w, leaves, treedef, entry.rejected | rejected)
+            if entry is None:
+                compiled[signature] = False  # type: ignore[assignment]
+                return fallback()(w, x, cotangents, memory_budget)
+            compiled[signature] = entry
+
+    return squares
+
+
+def _run(entry: _Compiled, w: Array, leaves: list[Array], U: Array, budget: int) -> tuple[Array, frozenset[Key]]:
+    """The squares over chunks of samples and cotangents, and the recognized ops the guard rejects."""
+    plan = entry.plan
+    K, N = int(U.shape[0]), int(U.shape[1])
+    item = max(jnp.dtype(w.dtype).itemsize, jnp.dtype(U.dtype).itemsize)
+    # Per (sample, cotangent) pair: the generic products, δ at every probe, and the backward pass's working set.
+    per_pair = (plan.S + sum(math.prod(s) for s, _ in plan.probes) + plan.work) * item
+    k_chunk = int(max(1, min(K, budget // max(per_pair, 1))))
+    n_chunk = int(max(1, min(N, budget // max(k_chunk * per_pair, 1))))
+    check = entry.checking
+    parts, checks = [], []
+    for k0 in range(0, K, k_chunk):
+        total = None
+        for n0 in range(0, N, n_chunk):
+            xs = [a[n0 : n0 + n_chunk] for a in leaves]
+            part, deviation = entry.chunk(w, xs, U[k0 : k0 + k_chunk, n0 : n0 + n_chunk], check)
+            checks.append(deviation)
+            total = part if total is None else total + part
+        parts.append(total)
+    if len(parts) == 1:
+        result = parts[0]
+    elif parts[0].ndim == 2:  # per cotangent: chunks of rows
+        result = jnp.concatenate(parts, axis=0)
+    else:
+        result = sum(parts[1:], parts[0])
+
+    if not check:
+        return result, frozenset()
+    # Guard: per use and chunk, the largest deviation of the first moment from autograd's gradient, and the
+    # scale.  A use is verified once it agrees where the gradient is not zero: its products are a function of
+    # the jaxpr alone (fixed for these shapes), so a wrong reading of it would show at any such point.
+    tol = _tolerance([w.dtype] + [dt for _, dt in plan.probes])
+    dev = np.stack([np.asarray(c, dtype=np.float64) for c in checks])  # (chunks, uses, 2)
+    bad = (dev[..., 0] > tol * dev[..., 1]).any(axis=0)
+    rejected = frozenset(plan.uses[i].key for i in np.flatnonzero(bad))
+    entry.verified.update(int(i) for i in np.flatnonzero(~bad & (dev[..., 1].max(axis=0) > 0)))
+    return result, rejected
+
+
+def _chunk_function(plan: _Plan, f: Callable[[Array, Any], Array], treedef: Any, per_cotangent: bool) -> Callable:
+    """The compiled squares of one chunk ``(w, x leaves, U, check) -> (squares, guard)``.
+
+    ``guard`` holds, per recognized use, the largest deviation of the first
+    moment of its products from autograd's gradient and the larger of their
+    magnitudes, ``(uses, 2)``; it is computed only when ``check`` (an extra
+    forward and backward pass of the chunk), else empty.
+    """
+
+    @functools.partial(jax.jit, static_argnums=3)
+    def chunk(w: Array, leaves: list[Array], U: Array, check: bool) -> tuple[Array, Array]:
+        dtype = w.dtype  # float32 for half-precision models (see _widened): squares are summed in it
+        v = jnp.concatenate([w[a:b] for a, b, _ in plan.slow]) if plan.slow else jnp.zeros((0,), w.dtype)
+
+        def one(x_n: list[Array], U_n: Array) -> tuple[Array, list[Array], dict[int, Array]]:
+            x_one = [a[None] for a in x_n]
+            zeros = [jnp.zeros(s, dt) for s, dt in plan.probes]
+
+            def g(v_: Array, probes: list[Array]) -> tuple[Array, dict[int, Array]]:
+                outs, acts = _evaluate(plan, w, v_, x_one, probes)
+                return outs[0], acts
+
+            z, pullback, acts = jax.vjp(g, v, zeros, has_aux=True)
+            ct_v, deltas = jax.vmap(lambda u: pullback(u[None].astype(z.dtype)))(U_n)
+            return ct_v, deltas, acts
+
+        ct_v, deltas, acts = jax.vmap(one, in_axes=(0, 1))(leaves, U)  # (n, k, S), [(n, k, *out)], {(n, *a)}
+        lead = (U.shape[0],) if per_cotangent else ()
+        sample_axes = (0,) if per_cotangent else (0, 1)
+
+        pieces: list[tuple[np.ndarray, Array]] = []
+        if plan.slow:
+            sq = jnp.sum(jnp.square(ct_v.astype(dtype)), axis=sample_axes)
+            for a, b, o in plan.slow:
+                pieces.append((np.arange(a, b), sq[..., o : o + b - a]))
+        firsts = []
+        for i, use in enumerate(plan.uses):
+            delta = deltas[use.slot]
+            if use.kind == "dense":
+                a, d = _dense_factors(use, acts[i], delta, dtype)
+                if per_cotangent:
+                    q = jnp.einsum("ni,nkf->kif", a * a, d * d)
+                else:
+                    q = (a * a).T @ jnp.sum(d * d, axis=1)
+                pieces.append((use.view, _to_param_layout(use, q, len(lead))))
+                if check:
+                    firsts.append(_to_param_layout(use, a.T @ jnp.sum(d, axis=1), 0))
+            else:
+                r = _bias_product(use, delta, dtype)
+                pieces.append((use.entries, jnp.sum(r * r, axis=sample_axes)))
+                if check:
+                    firsts.append(use.sign * jnp.sum(r, axis=(0, 1)))
+        result = _place(pieces, plan.P, lead, dtype)
+        if not check:
+            return result, jnp.zeros((0, 2), jnp.float32)
+
+        # The first moment's reference: an ordinary VJP of f on the chunk with the summed cotangents.
+        x = jax.tree_util.tree_unflatten(treedef, leaves)
+        z, pullback = jax.vjp(lambda w_: f(w_, x), w)
+        grad = pullback(jnp.sum(U, axis=0).astype(z.dtype))[0].astype(dtype)
+        rows = []
+        for use, first in zip(plan.uses, firsts):
+            ref = _take(grad, use.view if use.kind == "dense" else use.entries)
+            scale = jnp.maximum(jnp.max(jnp.abs(ref), initial=0.0), jnp.max(jnp.abs(first), initial=0.0))
+            rows.append(jnp.stack([jnp.max(jnp.abs(first - ref), initial=0.0), scale]))
+        return result, jnp.stack(rows).astype(jnp.float32)
+
+    return chunk
