@@ -152,3 +152,11 @@ class linalg:  # noqa: N801 - the standard's extension name
     @staticmethod
     def matmul(x1: Any, x2: Any) -> tf.Tensor:
         return tf.linalg.matmul(x1, x2)
+
+    @staticmethod
+    def qr(x: Any, mode: str = "reduced") -> tuple[tf.Tensor, tf.Tensor]:
+        """Householder QR on the device (the sketches' range bases), ``(Q, R)`` as the standard orders them."""
+        if mode not in ("reduced", "complete"):
+            raise ValueError(f"mode must be 'reduced' or 'complete', got {mode!r}")
+        q, r = tf.linalg.qr(x, full_matrices=mode == "complete")
+        return q, r
