@@ -232,7 +232,7 @@ class TensorFlowBackend(Backend):
             shapes = [shape_of(p) for p in chosen]
 
             def apply_function(flat: tf.Tensor, x: Any) -> tf.Tensor:
-                tree = layout.filled(split_flat(xp, flat, names, shapes))
+                tree = layout.filled(split_flat(xp, flat, names, shapes, tf.split))
                 return model(tree) if x is None else model(tree, x)
 
             w = tf.concat([tf.reshape(p, [-1]) for p in chosen], axis=0)

@@ -101,7 +101,7 @@ def stateful_binding(
 
     def filled(flat: tf.Tensor, base: list[Any]) -> list[Any]:
         out = list(base)
-        for i, part in zip(index, split_flat(xp, flat, names, shapes).values()):
+        for i, part in zip(index, split_flat(xp, flat, names, shapes, tf.split).values()):
             out[i] = part
         return out
 

@@ -182,7 +182,7 @@ class TorchBackend(Backend):
             layout.leaves = [leaf.detach().clone() if _is_tensor(leaf) else leaf for leaf in layout.leaves]
 
             def apply(flat: torch.Tensor, x: Any) -> torch.Tensor:
-                tree = layout.filled(split_flat(xp, flat, names, shapes))
+                tree = layout.filled(split_flat(xp, flat, names, shapes, torch.split))
                 return model(tree) if x is None else model(tree, x)
 
             return ParameterBinding(w, names, shapes, apply, *vector_trees(self, layout, names, chosen))
@@ -199,7 +199,9 @@ class TorchBackend(Backend):
 
         def apply(flat: torch.Tensor, x: Any) -> torch.Tensor:
             args = x if isinstance(x, tuple) else (x,)
-            return torch.func.functional_call(model, {**fixed, **split_flat(xp, flat, names, shapes)}, args)
+            # torch.split: one concatenation backward, where slices each write a full-length zero vector.
+            parts = split_flat(xp, flat, names, shapes, torch.split)
+            return torch.func.functional_call(model, {**fixed, **parts}, args)
 
         def to_tree(flat: torch.Tensor) -> dict[str, torch.Tensor]:
             return split_flat(xp, flat, names, shapes)

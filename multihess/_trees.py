@@ -25,6 +25,8 @@ Examples
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -221,16 +223,28 @@ class TreeLayout:
         return {name: leaf for name, leaf in named if leaf is not None and hasattr(leaf, "shape")}
 
 
-def split_flat(xp: Any, flat: Array, names: Sequence[str], shapes: Sequence[tuple[int, ...]]) -> dict[str, Array]:
-    """The parameters' parts of a flat vector, by name: static slices, free views under compilation."""
-    parts, start = {}, 0
-    for name, dims in zip(names, shapes):
-        size = 1
-        for d in dims:
-            size *= int(d)
-        parts[name] = xp.reshape(flat[start : start + size], tuple(dims))
-        start += size
-    return parts
+def split_flat(
+    xp: Any,
+    flat: Array,
+    names: Sequence[str],
+    shapes: Sequence[tuple[int, ...]],
+    split: Callable[[Array, list[int]], Sequence[Array]] | None = None,
+) -> dict[str, Array]:
+    """The parameters' parts of a flat vector, by name.
+
+    By default static slices, free views under compilation (JAX).  Where
+    each slice's backward pass writes a zero vector as long as ``flat``
+    (eager PyTorch, TensorFlow), pass the framework's ``split``
+    (``split(flat, sizes)``): one backward concatenation instead of one
+    full-length vector per parameter.
+    """
+    sizes = [math.prod(int(d) for d in dims) for dims in shapes]
+    if split is not None:
+        pieces = split(flat, sizes)
+    else:
+        offsets = [0, *itertools.accumulate(sizes)]
+        pieces = [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+    return {name: xp.reshape(piece, tuple(dims)) for name, dims, piece in zip(names, shapes, pieces)}
 
 
 def vector_trees(
