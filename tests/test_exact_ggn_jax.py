@@ -1,0 +1,321 @@
+"""Exact GGN diagonals of JAX models against per-sample Jacobians and the loss's Hessian, in float64.
+
+The JAX backend reads the model's jaxpr: parameters read once by a matrix
+product or an added bias take a structured route, everything else (a
+convolution kernel, a kernel applied to a sequence, a tied weight) the
+generic per-sample route restricted to those entries.  The oracle knows
+neither: ``diag(G) = Σ_n diag(J_nᵀ H_n J_n)`` with ``J_n`` from
+``jax.jacrev`` of the model on sample ``n`` alone and ``H_n`` the block of
+``jax.hessian`` of the loss in the outputs, all in float64.  It uses no
+square root of ``H`` and no per-sample VJP.
+
+Tolerances: in float64 both sides differ by rounding in sums of a few
+hundred terms (≲ 1e-14 relative); ``rtol=1e-10`` leaves room for that and
+still fails on any wrong formula, which is off by O(1).  ``atol`` is set
+relative to the largest entry, for entries that vanish (dead ReLUs, an unused
+parameter).  Lower precisions are explained at their tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+jax.config.update("jax_enable_x64", True)  # before any array exists: the oracles run in float64
+
+import jax.numpy as jnp  # noqa: E402
+from jax import lax  # noqa: E402
+from jax.flatten_util import ravel_pytree  # noqa: E402
+
+import multihess as mh  # noqa: E402
+from multihess._per_sample import generic_squares  # noqa: E402
+from multihess.backends import jax_per_sample  # noqa: E402
+from multihess.backends.jax_backend import JaxBackend  # noqa: E402
+
+Apply = Callable[[Any, Any], jax.Array]
+
+
+# ----------------------------------------------------------------------------- the oracle
+def _loss_fn(loss: str, y: jax.Array) -> Callable[[jax.Array], jax.Array]:
+    if loss == "cross_entropy":  # mean over samples, integer labels
+        return lambda z: -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(z), y[:, None], axis=1))
+    return lambda z: jnp.mean((z - y) ** 2)  # mse: mean over every element
+
+
+def _jacobians(apply: Apply, params: Any, x: jax.Array) -> tuple[np.ndarray, Callable]:
+    """Per-sample Jacobians ``(N, C, P)`` of the model on each sample alone, in float64 and ravel_pytree order."""
+    params64 = jax.tree.map(lambda p: jnp.asarray(p, jnp.float64), params)
+    w, unravel = ravel_pytree(params64)
+    x64 = jnp.asarray(x, jnp.float64)
+    rows = [jax.jacrev(lambda v, n=n: apply(unravel(v), x64[n : n + 1])[0])(w) for n in range(x.shape[0])]
+    return np.stack([np.asarray(r).reshape(-1, w.size) for r in rows]), unravel
+
+
+def oracle_diagonal(apply: Apply, params: Any, x: jax.Array, y: jax.Array, loss: str) -> np.ndarray:
+    """``Σ_n diag(J_nᵀ H_n J_n)`` in float64 from ``jax.jacrev`` and ``jax.hessian`` of the loss in the outputs."""
+    J, unravel = _jacobians(apply, params, x)
+    params64 = jax.tree.map(lambda p: jnp.asarray(p, jnp.float64), params)
+    z = apply(params64, jnp.asarray(x, jnp.float64))
+    N = z.shape[0]
+    H = np.asarray(jax.hessian(_loss_fn(loss, y if loss == "cross_entropy" else jnp.asarray(y, jnp.float64)))(z))
+    H = H.reshape(N, -1, N, H.shape[-1] if z.ndim == 2 else -1)
+    return sum(np.einsum("cp,cd,dp->p", J[n], H[n, :, n, :], J[n]) for n in range(N))
+
+
+def exact_diagonal(apply: Apply, params: Any, x: jax.Array, y: jax.Array, loss: str) -> np.ndarray:
+    G = mh.ggn(apply, params, data=(x, y), loss=loss)
+    return np.asarray(mh.diagonal(G, method="exact").value, dtype=np.float64)
+
+
+def assert_close(actual: np.ndarray, expected: np.ndarray, rtol: float, atol_rel: float) -> None:
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol_rel * np.abs(expected).max())
+
+
+# ----------------------------------------------------------------------------- models
+def _init(shapes: dict[str, tuple[int, ...]], dtype: Any = jnp.float64, seed: int = 0) -> dict[str, jax.Array]:
+    rng = np.random.default_rng(seed)
+    return {
+        k: jnp.asarray(rng.standard_normal(s) / np.sqrt(s[0] if len(s) > 1 else 2.0), dtype) for k, s in shapes.items()
+    }
+
+
+def mlp(act: Callable[[jax.Array], jax.Array], bias: bool, widths: tuple[int, ...]) -> tuple[Apply, dict]:
+    """A dense network ``x @ W + b`` with ``len(widths) - 1`` layers."""
+    layers = len(widths) - 1
+    shapes = {f"W{i}": (widths[i], widths[i + 1]) for i in range(layers)}
+    if bias:
+        shapes |= {f"b{i}": (widths[i + 1],) for i in range(layers)}
+
+    def apply(p: dict, x: jax.Array) -> jax.Array:
+        for i in range(layers):
+            x = x @ p[f"W{i}"] + p[f"b{i}"] if bias else x @ p[f"W{i}"]
+            if i < layers - 1:
+                x = act(x)
+        return x
+
+    return apply, shapes
+
+
+def mixed() -> tuple[Apply, dict]:
+    """A convolution, a kernel on a sequence, a tied weight, an unused leaf, and dense layers with biases.
+
+    Inputs ``(N, 8)``: a 1-D signal for the convolution, ``(4, 2)`` tokens for
+    the sequence kernel, and the first 4 features for the tied weight.
+    """
+    shapes = {
+        "conv_w": (3, 1, 2),  # width, in, out (WIO)
+        "conv_b": (2,),
+        "seq_w": (2, 3),
+        "seq_b": (3,),
+        "tied": (4, 4),
+        "unused": (2,),
+        "head_w": (6 * 2 + 3 + 4, 3),
+        "head_b": (3,),
+    }
+
+    def apply(p: dict, x: jax.Array) -> jax.Array:
+        n = x.shape[0]
+        conv = lax.conv_general_dilated(
+            x[:, :, None], p["conv_w"], (1,), "VALID", dimension_numbers=("NWC", "WIO", "NWC")
+        )
+        conv = jnp.tanh(conv + p["conv_b"]).reshape(n, -1)  # bias on a (N, 6, 2) output: summed over positions
+        seq = jnp.tanh(x.reshape(n, 4, 2) @ p["seq_w"] + p["seq_b"]).mean(axis=1)  # 3-D activation
+        tied = jnp.tanh(jnp.tanh(x[:, :4] @ p["tied"]) @ p["tied"])
+        return jnp.concatenate([conv, seq, tied], axis=1) @ p["head_w"] + p["head_b"]
+
+    return apply, shapes
+
+
+def layouts() -> tuple[Apply, dict]:
+    """Kernels stored ``(out, in)`` (``x @ W.T``, and ``W @ x_n`` under vmap), subtracted biases, a nested jit."""
+    shapes = {"A": (5, 4), "a": (5,), "B": (4, 5), "b": (4,), "C": (3, 4), "c": (3,)}
+
+    @jax.jit
+    def inner(W: jax.Array, h: jax.Array) -> jax.Array:  # a jit equation receiving a parameter view
+        return jax.vmap(lambda row: W @ row)(h)
+
+    def apply(p: dict, x: jax.Array) -> jax.Array:
+        h = jnp.tanh(x @ p["A"].T - p["a"])
+        h = jnp.tanh(p["b"] - inner(p["B"], h))
+        return jnp.dot(h, p["C"].T) + p["c"]
+
+    return apply, shapes
+
+
+def data(n: int, d: int, classes: int, dtype: Any = jnp.float64, seed: int = 1) -> tuple[jax.Array, jax.Array]:
+    rng = np.random.default_rng(seed)
+    return jnp.asarray(rng.standard_normal((n, d)), dtype), jnp.asarray(rng.integers(0, classes, n))
+
+
+MODELS: dict[str, Callable[[], tuple[Apply, dict, int]]] = {
+    "tanh_mlp_bias": lambda: (*mlp(jnp.tanh, True, (4, 6, 5, 3)), 4),
+    "relu_mlp_no_bias": lambda: (*mlp(jax.nn.relu, False, (4, 7, 6, 3)), 4),
+    "relu_mlp_bias_deep": lambda: (*mlp(jax.nn.relu, True, (5, 6, 6, 6, 4)), 5),
+    "mixed": lambda: (*mixed(), 8),
+    "layouts": lambda: (*layouts(), 4),
+}
+
+
+# ----------------------------------------------------------------------------- float64 against the oracle
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_exact_diagonal_matches_oracle(name: str, loss: str) -> None:
+    apply, shapes, d = MODELS[name]()
+    params = _init(shapes)
+    classes = apply(params, jnp.zeros((1, d))).shape[1]
+    x, labels = data(7, d, classes)
+    y = labels if loss == "cross_entropy" else jnp.asarray(np.random.default_rng(2).standard_normal((7, classes)))
+    expected = oracle_diagonal(apply, params, x, y, loss)
+    assert_close(exact_diagonal(apply, params, x, y, loss), expected, rtol=1e-10, atol_rel=1e-12)
+
+
+def test_unused_and_dead_entries_are_zero() -> None:
+    apply, shapes, d = MODELS["mixed"]()
+    params = _init(shapes)
+    x, y = data(5, d, 3)
+    diag = exact_diagonal(apply, params, x, y, "cross_entropy")
+    _, unravel = ravel_pytree(params)
+    assert np.all(np.asarray(unravel(jnp.asarray(diag))["unused"]) == 0.0)
+    assert np.all(np.asarray(unravel(jnp.asarray(diag))["conv_w"]) > 0.0)  # the generic route did run
+
+
+# ----------------------------------------------------------------------------- routes
+def _bind(apply: Apply, params: dict) -> Any:
+    b = JaxBackend()
+    return b, b.bind(apply, params, [n for n, _ in b.named_parameters(apply, params)])
+
+
+def test_recognized_entries_take_the_structured_route() -> None:
+    apply, shapes, d = MODELS["mixed"]()
+    params = _init(shapes)
+    x, _ = data(5, d, 3)
+    _, binding = _bind(apply, params)
+    mask = jax_per_sample.structured_entries(binding.apply, binding.w, x)
+    _, unravel = ravel_pytree(params)
+    routes = {k: np.asarray(v) for k, v in unravel(jnp.asarray(mask, jnp.float64)).items()}
+    # Read once by a matrix product of one row per sample, or by an added bias (also over positions).
+    for name in ("conv_b", "seq_b", "head_w", "head_b"):
+        assert routes[name].all(), name
+    # A convolution, a kernel applied to 4 tokens per sample, a weight read twice, a leaf nothing reads.
+    for name in ("conv_w", "seq_w", "tied", "unused"):
+        assert not routes[name].any(), name
+
+
+@pytest.mark.parametrize("name", ["tanh_mlp_bias", "relu_mlp_no_bias", "layouts"])
+def test_dense_models_never_take_the_generic_route(name: str) -> None:
+    apply, shapes, d = MODELS[name]()
+    params = _init(shapes)
+    x, _ = data(6, d, 3)
+    b, binding = _bind(apply, params)
+    assert jax_per_sample.structured_entries(binding.apply, binding.w, x).all()
+    calls = []
+
+    def spy(*args: Any) -> Any:
+        calls.append(args)
+        return generic_squares(*args)
+
+    squares = jax_per_sample.per_sample_squares(b, binding.apply, False, spy)
+    U = jnp.asarray(np.random.default_rng(3).standard_normal((2, 6, 3)))
+    squares(binding.w, x, lambda z: U, 2**30)
+    assert calls == []
+
+
+# ----------------------------------------------------------------------------- the contract, chunked
+def _oracle_squares(apply: Apply, params: dict, x: jax.Array, U: np.ndarray) -> np.ndarray:
+    """``Σ_n (J_nᵀ U[k, n])²`` per cotangent ``(K, P)`` from per-sample Jacobians."""
+    J, _ = _jacobians(apply, params, x)
+    products = np.einsum("knc,ncp->knp", U, J)
+    return (products**2).sum(axis=1)
+
+
+@pytest.mark.parametrize("per_cotangent", [False, True])
+@pytest.mark.parametrize("budget", [2**30, 1])  # one chunk, or one sample and one cotangent per chunk
+def test_squares_per_cotangent_and_chunked(per_cotangent: bool, budget: int) -> None:
+    apply, shapes, d = MODELS["mixed"]()
+    params = _init(shapes)
+    x, _ = data(5, d, 3)
+    U = np.random.default_rng(4).standard_normal((4, 5, 3))
+    b, binding = _bind(apply, params)
+    squares = b.per_sample_squares(binding.apply, per_cotangent)
+    out = np.asarray(squares(binding.w, x, lambda z: jnp.asarray(U), budget))
+    expected = _oracle_squares(apply, params, x, U)
+    assert_close(out, expected if per_cotangent else expected.sum(0), rtol=1e-10, atol_rel=1e-12)
+
+
+def test_new_batch_size_reuses_the_analysis() -> None:
+    apply, shapes, d = MODELS["tanh_mlp_bias"]()
+    params = _init(shapes)
+    b, binding = _bind(apply, params)
+    squares = b.per_sample_squares(binding.apply, False)
+    for n in (3, 8):
+        x, _ = data(n, d, 3, seed=n)
+        U = np.random.default_rng(n).standard_normal((3, n, 3))
+        out = np.asarray(squares(binding.w, x, lambda z, U=U: jnp.asarray(U), 2**30))
+        assert_close(out, _oracle_squares(apply, params, x, U).sum(0), rtol=1e-10, atol_rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- the guard
+def test_guard_sends_wrong_products_to_the_generic_route(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A bias product off by a factor 2 (its squares by 4): the first moment disagrees with autograd's
+    # gradient, so the biases must go the generic route and the diagonal stay exact.
+    original = jax_per_sample._bias_product
+    monkeypatch.setattr(jax_per_sample, "_bias_product", lambda use, delta, dtype: 2.0 * original(use, delta, dtype))
+    apply, shapes, d = MODELS["tanh_mlp_bias"]()
+    params = _init(shapes)
+    x, y = data(6, d, 3)
+    expected = oracle_diagonal(apply, params, x, y, "cross_entropy")
+    assert_close(exact_diagonal(apply, params, x, y, "cross_entropy"), expected, rtol=1e-10, atol_rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- flax
+@pytest.mark.skipif(importlib.util.find_spec("flax") is None, reason="flax is not installed")
+def test_flax_linen_dense() -> None:
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x: jax.Array) -> jax.Array:
+            x = nn.tanh(nn.Dense(6, param_dtype=jnp.float64)(x))
+            x = nn.relu(nn.Dense(5, param_dtype=jnp.float64)(x))
+            return nn.Dense(3, param_dtype=jnp.float64)(x)
+
+    net = Net()
+    x, y = data(6, 4, 3)
+    variables = net.init(jax.random.PRNGKey(0), x)
+    b, binding = _bind(net.apply, variables)
+    assert jax_per_sample.structured_entries(binding.apply, binding.w, x).all()
+    expected = oracle_diagonal(net.apply, variables, x, y, "cross_entropy")
+    assert_close(exact_diagonal(net.apply, variables, x, y, "cross_entropy"), expected, rtol=1e-10, atol_rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- lower precision
+def test_float32() -> None:
+    # Both routes compute in float32 (unit roundoff 6e-8); an entry is a sum of a few dozen squares of
+    # products of 2-3 rounded factors, so relative errors stay near 1e-6.  rtol=1e-4 leaves room and still
+    # fails on a wrong formula (O(1)).
+    for name in ("tanh_mlp_bias", "mixed"):
+        apply, shapes, d = MODELS[name]()
+        params = _init(shapes, jnp.float32)
+        x, y = data(7, d, 3, jnp.float32)
+        diag = exact_diagonal(apply, params, x, y, "cross_entropy")
+        assert_close(diag, oracle_diagonal(apply, params, x, y, "cross_entropy"), rtol=1e-4, atol_rel=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:diagonal. the products of this GGNOperator run in float16")
+def test_float16() -> None:
+    # The model runs in float16 (unit roundoff 4.9e-4): activations and cotangents are rounded at every
+    # layer, so a per-sample product of this 2-layer net carries a relative error of a few 1e-3 and its square
+    # twice that; the squares are summed in float32.  rtol=3e-2 covers that with margin and still fails on a
+    # wrong formula.  Entries below 1e-2 of the largest lose their digits to float16's absolute rounding.
+    apply, shapes, d = MODELS["tanh_mlp_bias"]()
+    params = _init(shapes, jnp.float16)
+    x, y = data(16, d, 3, jnp.float16)
+    diag = exact_diagonal(apply, params, x, y, "cross_entropy")
+    expected = oracle_diagonal(apply, params, x, y, "cross_entropy")
+    assert np.isfinite(diag).all()
+    assert_close(diag, expected, rtol=3e-2, atol_rel=1e-2)
