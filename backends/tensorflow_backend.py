@@ -76,6 +76,7 @@ from .tensorflow_models import (
     stateful_parameters,
     tf_dtype,
 )
+from .tensorflow_moments import with_exact_moments
 
 _ZERO = tf.UnconnectedGradients.ZERO
 _HVP_MODES = ("reverse", "forward")
@@ -231,6 +232,7 @@ class TensorFlowBackend(Backend):
             chosen = [layout.leaves[layout.position[n]] for n in names]
             shapes = [shape_of(p) for p in chosen]
 
+            @with_exact_moments
             def apply_function(flat: tf.Tensor, x: Any) -> tf.Tensor:
                 tree = layout.filled(split_flat(xp, flat, names, shapes, tf.split))
                 return model(tree) if x is None else model(tree, x)

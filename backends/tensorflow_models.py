@@ -19,6 +19,7 @@ from .._arrays import dtype_name
 from .._arrays import shape as shape_of
 from .._backend import Backend, ParameterBinding
 from .._trees import check_not_foreign, flatten_by_name, framework_of, split_flat
+from .tensorflow_moments import with_exact_moments
 
 
 # ----------------------------------------------------------------------------- type tests
@@ -116,6 +117,7 @@ def stateful_binding(
     else:
         module_apply = _module_apply(model, [p for _, p in named])
         apply = lambda flat, x: module_apply(filled(flat, values), x)  # noqa: E731
+    apply = with_exact_moments(apply)
 
     def to_tree(flat: tf.Tensor) -> list[Any]:
         # A list in trainable_variables order, None outside params=.

@@ -586,3 +586,13 @@ def test_exact_ggn_diagonal_of_attention_under_onednn() -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "relative error" in result.stdout
+
+
+def test_variance_by_moments_has_its_exact_hessian() -> None:
+    """tf.nn.moments stops the gradient through the mean; the products differentiate through it."""
+    x = np.array([1.0, 2.0, 4.0, -0.5])
+    n = len(x)
+    H = mh.hessian(lambda t: tf.nn.moments(t, [0])[1], tf.constant(x)).dense().numpy()
+    np.testing.assert_allclose(H, (2 / n) * (np.eye(n) - np.ones((n, n)) / n), rtol=1e-12, atol=1e-15)
+    mean, variance = tf.nn.moments(tf.constant(x), [0])  # the user's tf.nn.moments is back afterwards
+    assert float(variance) == pytest.approx(np.var(x)) and tf.nn.moments.__module__.startswith("tensorflow")
