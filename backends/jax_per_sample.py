@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -489,13 +490,6 @@ def _evaluate(
 # ----------------------------------------------------------------------
 # Products, squares and their placement in w
 # ----------------------------------------------------------------------
-def _dense_factors(use: _Use, act: Array, delta: Array, dtype: Any) -> tuple[Array, Array]:
-    """``a`` as ``(n, in)`` and ``δ`` as ``(n, k, free)``, in the dtype the squares are summed in."""
-    n = act.shape[0]
-    a = jnp.transpose(act, (0,) + tuple(1 + d for d in use.act_perm)).reshape(n, use.in_size).astype(dtype)
-    return a, delta.reshape(n, delta.shape[1], use.free_size).astype(dtype)
-
-
 def _to_param_layout(use: _Use, q: Array, lead: int) -> Array:
     """A dense product ``(*lead axes, in, free)`` in the layout of the parameter view."""
     shape = q.shape[:lead] + use.param_shape
@@ -503,8 +497,11 @@ def _to_param_layout(use: _Use, q: Array, lead: int) -> Array:
 
 
 def _bias_product(use: _Use, delta: Array, dtype: Any) -> Array:
-    """``δ`` summed over the broadcast axes: the per-sample product ``(n, k, *reduced)`` (sign left out)."""
-    return jnp.sum(delta.astype(dtype), axis=tuple(2 + a for a in use.axes))
+    """A bias's per-sample products for a block of cotangents, ``(k, *out) -> (k, *reduced)`` (sign left out).
+
+    ``δ`` summed over the axes the bias is broadcast along.
+    """
+    return jnp.sum(delta.astype(dtype), axis=tuple(1 + a for a in use.axes))
 
 
 def _place(pieces: list[tuple[np.ndarray, Array]], P: int, lead: tuple[int, ...], dtype: Any) -> Array:
@@ -554,14 +551,56 @@ def _take(vector: Array, entries: np.ndarray) -> Array:
 # ----------------------------------------------------------------------
 # The squares function
 # ----------------------------------------------------------------------
+class _Passes:
+    """Whether the backward pass of a chunk runs vmapped over its cotangents or once per cotangent (unrolled).
+
+    Neither wins everywhere: on a 2-core CPU with 10 cotangents the unrolled
+    passes took 160-200 ms against 345-420 ms vmapped on LeNet-5 (batched
+    max-pool and convolution transposes are slow there), while on the
+    benchmark MLP both took 1.5-4 ms, within the noise.  So the first calls
+    of one compiled plan run each in turn, the second call of each (the first
+    compiles) is timed, and later calls take the faster.  Unrolling copies
+    the backward pass once per cotangent into the compiled program, so
+    chunks of more than :attr:`MAX_UNROLLED` cotangents always run vmapped.
+    """
+
+    MAX_UNROLLED = 16
+
+    def __init__(self) -> None:
+        self.calls = {False: 0, True: 0}
+        self.times: dict[bool, list[float]] = {False: [], True: []}
+
+    def choose(self, k_chunk: int) -> tuple[bool, bool]:
+        """``(unroll, timed)`` for the next call."""
+        if k_chunk > self.MAX_UNROLLED or k_chunk == 1:
+            return False, False  # one cotangent: both are the same program
+        if all(self.times.values()):
+            return min(self.times[False]) > min(self.times[True]), False
+        # Compile the vmapped passes, compile the unrolled ones, then time each once.
+        if self.calls[False] == 0:
+            unroll = False
+        elif self.calls[True] == 0:
+            unroll = True
+        else:
+            unroll = bool(self.times[False])
+        timed = self.calls[unroll] >= 1
+        self.calls[unroll] += 1
+        return unroll, timed
+
+    def record(self, unroll: bool, seconds: float) -> None:
+        self.times[unroll].append(seconds)
+
+
 @dataclass
 class _Compiled:
-    """A plan, its compiled chunk function, and which of its recognized ops the guard has verified."""
+    """A plan, its compiled chunk and guard functions, and which recognized ops the guard has verified."""
 
     plan: _Plan
-    chunk: Callable[..., tuple[Array, Array]]
+    chunk: Callable[..., Array]
+    guard: Callable[..., Array]
     rejected: frozenset[Key] = field(default_factory=frozenset)
     verified: set[int] = field(default_factory=set)
+    passes: _Passes = field(default_factory=_Passes)
 
     @property
     def checking(self) -> bool:
@@ -618,7 +657,8 @@ def per_sample_squares(
         plan = _analyse(closed, int(w.shape[0]), rejected)
         if not plan.uses or len(closed.jaxpr.outvars) != 1:
             return None
-        return _Compiled(plan, _chunk_function(plan, f, treedef, per_cotangent), rejected=rejected)
+        chunk = _chunk_function(plan, per_cotangent)
+        return _Compiled(plan, chunk, _guard_function(plan, f, treedef), rejected=rejected)
 
     def squares(w: Array, x: Any, cotangents: Callable[[Array], Array], memory_budget: int) -> Array:
         leaves, treedef = jax.tree_util.tree_flatten(x)
@@ -656,14 +696,14 @@ def _run(entry: _Compiled, w: Array, leaves: list[Array], U: Array, budget: int)
     per_pair = (plan.S + sum(math.prod(s) for s, _ in plan.probes) + plan.work) * item
     k_chunk = int(max(1, min(K, budget // max(per_pair, 1))))
     n_chunk = int(max(1, min(N, budget // max(k_chunk * per_pair, 1))))
-    check = entry.checking
-    parts, checks = [], []
+    unroll, timed = entry.passes.choose(k_chunk)
+    start = time.perf_counter()
+    parts = []
     for k0 in range(0, K, k_chunk):
         total = None
         for n0 in range(0, N, n_chunk):
             xs = [a[n0 : n0 + n_chunk] for a in leaves]
-            part, deviation = entry.chunk(w, xs, U[k0 : k0 + k_chunk, n0 : n0 + n_chunk], check)
-            checks.append(deviation)
+            part = entry.chunk(w, xs, U[k0 : k0 + k_chunk, n0 : n0 + n_chunk], unroll)
             total = part if total is None else total + part
         parts.append(total)
     if len(parts) == 1:
@@ -672,12 +712,18 @@ def _run(entry: _Compiled, w: Array, leaves: list[Array], U: Array, budget: int)
         result = jnp.concatenate(parts, axis=0)
     else:
         result = sum(parts[1:], parts[0])
-
-    if not check:
+    if timed:
+        entry.passes.record(unroll, (jax.block_until_ready(result), time.perf_counter() - start)[1])
+    if not entry.checking:
         return result, frozenset()
-    # Guard: per use and chunk, the largest deviation of the first moment from autograd's gradient, and the
-    # scale.  A use is verified once it agrees where the gradient is not zero: its products are a function of
-    # the jaxpr alone (fixed for these shapes), so a wrong reading of it would show at any such point.
+
+    # Guard: per use and chunk of samples, the largest deviation of the first moment from autograd's
+    # gradient, and the scale.  A use is verified once it agrees where the gradient is not zero: its products
+    # are a function of the jaxpr alone (fixed for these shapes), so a wrong reading would show at any such
+    # point; until then every call checks.
+    u = jnp.sum(U, axis=0)
+    rows = max(1, min(N, budget // max(per_pair, 1)))
+    checks = [entry.guard(w, [a[n0 : n0 + rows] for a in leaves], u[n0 : n0 + rows]) for n0 in range(0, N, rows)]
     tol = _tolerance([w.dtype] + [dt for _, dt in plan.probes])
     dev = np.stack([np.asarray(c, dtype=np.float64) for c in checks])  # (chunks, uses, 2)
     bad = (dev[..., 0] > tol * dev[..., 1]).any(axis=0)
@@ -686,71 +732,124 @@ def _run(entry: _Compiled, w: Array, leaves: list[Array], U: Array, budget: int)
     return result, rejected
 
 
-def _chunk_function(plan: _Plan, f: Callable[[Array, Any], Array], treedef: Any, per_cotangent: bool) -> Callable:
-    """The compiled squares of one chunk ``(w, x leaves, U, check) -> (squares, guard)``.
+def _pullback(plan: _Plan, w: Array, v: Array, x_n: list[Array]) -> tuple[Array, Callable, dict[int, Array]]:
+    """One sample's outputs, the pullback to ``(v, probes)``, and the activations of the recognized uses."""
+    x_one = [a[None] for a in x_n]
+    zeros = [jnp.zeros(s, dt) for s, dt in plan.probes]
 
-    ``guard`` holds, per recognized use, the largest deviation of the first
-    moment of its products from autograd's gradient and the larger of their
-    magnitudes, ``(uses, 2)``; it is computed only when ``check`` (an extra
-    forward and backward pass of the chunk), else empty.
+    def g(v_: Array, probes: list[Array]) -> tuple[Array, dict[int, Array]]:
+        outs, acts = _evaluate(plan, w, v_, x_one, probes)
+        return outs[0], acts
+
+    return jax.vjp(g, v, zeros, has_aux=True)
+
+
+def _slow_vector(plan: _Plan, w: Array) -> Array:
+    """``v``: the entries of ``w`` for the generic route, in order."""
+    return jnp.concatenate([w[a:b] for a, b, _ in plan.slow]) if plan.slow else jnp.zeros((0,), w.dtype)
+
+
+def _dense_rows(use: _Use, act: Array, dtype: Any) -> Array:
+    """The activations of a dense use as ``(n, in)``, contracted axes in the parameter's order."""
+    n = act.shape[0]
+    return jnp.transpose(act, (0,) + tuple(1 + d for d in use.act_perm)).reshape(n, use.in_size).astype(dtype)
+
+
+def _chunk_function(plan: _Plan, per_cotangent: bool) -> Callable[..., Array]:
+    """The compiled squares of one chunk, ``(w, x leaves, U, unroll) -> (K, P) or (P,)``.
+
+    ``unroll`` runs the backward pass once per cotangent instead of vmapped
+    over them (see :class:`_Passes`).
     """
+    keep_k = per_cotangent
+
+    def reduce(ct_v: Array, deltas: list[Array], dtype: Any) -> tuple[Array, list[Array]]:
+        """One sample's squares for a block of cotangents ``(k, ...)``: summed over them unless kept."""
+        total = (lambda t: t) if keep_k else (lambda t: jnp.sum(t, axis=0))
+        squares = []
+        for use in plan.uses:
+            if use.kind == "dense":
+                d = deltas[use.slot].astype(dtype).reshape(-1, use.free_size)
+            else:
+                d = _bias_product(use, deltas[use.slot], dtype)
+            squares.append(total(d * d))
+        return total(jnp.square(ct_v.astype(dtype))), squares
 
     @functools.partial(jax.jit, static_argnums=3)
-    def chunk(w: Array, leaves: list[Array], U: Array, check: bool) -> tuple[Array, Array]:
+    def chunk(w: Array, leaves: list[Array], U: Array, unroll: bool) -> Array:
         dtype = w.dtype  # float32 for half-precision models (see _widened): squares are summed in it
-        v = jnp.concatenate([w[a:b] for a, b, _ in plan.slow]) if plan.slow else jnp.zeros((0,), w.dtype)
+        v = _slow_vector(plan, w)
 
-        def one(x_n: list[Array], U_n: Array) -> tuple[Array, list[Array], dict[int, Array]]:
-            x_one = [a[None] for a in x_n]
-            zeros = [jnp.zeros(s, dt) for s, dt in plan.probes]
+        def one(x_n: list[Array], U_n: Array) -> tuple[Any, dict[int, Array]]:
+            z, pullback, acts = _pullback(plan, w, v, x_n)
+            if not unroll:
+                ct_v, deltas = jax.vmap(lambda u: pullback(u[None].astype(z.dtype)))(U_n)
+                return reduce(ct_v, deltas, dtype), acts
+            # One backward pass per cotangent, sharing the forward pass: summed (or stacked) as they come.
+            parts = []
+            for k in range(U_n.shape[0]):
+                ct_v, deltas = pullback(U_n[k][None].astype(z.dtype))
+                parts.append(reduce(ct_v[None], [d[None] for d in deltas], dtype))
+            combine = (lambda *t: jnp.concatenate(t, axis=0)) if keep_k else (lambda *t: sum(t[1:], t[0]))
+            return jax.tree.map(combine, *parts), acts
 
-            def g(v_: Array, probes: list[Array]) -> tuple[Array, dict[int, Array]]:
-                outs, acts = _evaluate(plan, w, v_, x_one, probes)
-                return outs[0], acts
-
-            z, pullback, acts = jax.vjp(g, v, zeros, has_aux=True)
-            ct_v, deltas = jax.vmap(lambda u: pullback(u[None].astype(z.dtype)))(U_n)
-            return ct_v, deltas, acts
-
-        ct_v, deltas, acts = jax.vmap(one, in_axes=(0, 1))(leaves, U)  # (n, k, S), [(n, k, *out)], {(n, *a)}
+        # Per sample: squares of the generic products ((k,) S) and of each use's products ((k,) free or
+        # (k,) reduced), and the activations of the dense uses.
+        (generic, squares), acts = jax.vmap(one, in_axes=(0, 1))(leaves, U)
         lead = (U.shape[0],) if per_cotangent else ()
-        sample_axes = (0,) if per_cotangent else (0, 1)
-
         pieces: list[tuple[np.ndarray, Array]] = []
         if plan.slow:
-            sq = jnp.sum(jnp.square(ct_v.astype(dtype)), axis=sample_axes)
+            sq = jnp.sum(generic, axis=0)
             for a, b, o in plan.slow:
                 pieces.append((np.arange(a, b), sq[..., o : o + b - a]))
-        firsts = []
         for i, use in enumerate(plan.uses):
-            delta = deltas[use.slot]
             if use.kind == "dense":
-                a, d = _dense_factors(use, acts[i], delta, dtype)
-                if per_cotangent:
-                    q = jnp.einsum("ni,nkf->kif", a * a, d * d)
-                else:
-                    q = (a * a).T @ jnp.sum(d * d, axis=1)
+                a = _dense_rows(use, acts[i], dtype)
+                # Σ_n (a_n ⊗ δ_n)² = (a²)ᵀ(δ²): one matrix product.
+                q = jnp.einsum("ni,nkf->kif", a * a, squares[i]) if per_cotangent else (a * a).T @ squares[i]
                 pieces.append((use.view, _to_param_layout(use, q, len(lead))))
-                if check:
-                    firsts.append(_to_param_layout(use, a.T @ jnp.sum(d, axis=1), 0))
             else:
-                r = _bias_product(use, delta, dtype)
-                pieces.append((use.entries, jnp.sum(r * r, axis=sample_axes)))
-                if check:
-                    firsts.append(use.sign * jnp.sum(r, axis=(0, 1)))
-        result = _place(pieces, plan.P, lead, dtype)
-        if not check:
-            return result, jnp.zeros((0, 2), jnp.float32)
-
-        # The first moment's reference: an ordinary VJP of f on the chunk with the summed cotangents.
-        x = jax.tree_util.tree_unflatten(treedef, leaves)
-        z, pullback = jax.vjp(lambda w_: f(w_, x), w)
-        grad = pullback(jnp.sum(U, axis=0).astype(z.dtype))[0].astype(dtype)
-        rows = []
-        for use, first in zip(plan.uses, firsts):
-            ref = _take(grad, use.view if use.kind == "dense" else use.entries)
-            scale = jnp.maximum(jnp.max(jnp.abs(ref), initial=0.0), jnp.max(jnp.abs(first), initial=0.0))
-            rows.append(jnp.stack([jnp.max(jnp.abs(first - ref), initial=0.0), scale]))
-        return result, jnp.stack(rows).astype(jnp.float32)
+                pieces.append((use.entries, jnp.sum(squares[i], axis=0)))
+        return _place(pieces, plan.P, lead, dtype)
 
     return chunk
+
+
+def _guard_function(plan: _Plan, f: Callable[[Array, Any], Array], treedef: Any) -> Callable[..., Array]:
+    """The compiled guard of one chunk of samples, ``(w, x leaves, u) -> (uses, 2)``.
+
+    ``u`` is the sum of the cotangents, ``(n, ...)``.  Per recognized use:
+    the largest deviation of the first moment of its products (``Σ_n`` of
+    ``a_n ⊗ δ_n`` or of ``±δ_n`` summed over the broadcast axes, with ``δ``
+    from ``u``) from autograd's gradient of ``⟨f(w, x), u⟩``, and the larger
+    of their magnitudes.
+    """
+
+    @jax.jit
+    def guard(w: Array, leaves: list[Array], u: Array) -> Array:
+        dtype = w.dtype
+        v = _slow_vector(plan, w)
+
+        def one(x_n: list[Array], u_n: Array) -> tuple[list[Array], dict[int, Array]]:
+            z, pullback, acts = _pullback(plan, w, v, x_n)
+            _, deltas = pullback(u_n[None].astype(z.dtype))
+            return [d.astype(dtype) for d in deltas], acts
+
+        deltas, acts = jax.vmap(one)(leaves, u)
+        x = jax.tree_util.tree_unflatten(treedef, leaves)
+        z, pullback = jax.vjp(lambda w_: f(w_, x), w)
+        grad = pullback(u.astype(z.dtype))[0].astype(dtype)
+        rows = []
+        for i, use in enumerate(plan.uses):
+            d = deltas[use.slot]
+            if use.kind == "dense":
+                moment = _to_param_layout(use, _dense_rows(use, acts[i], dtype).T @ d.reshape(-1, use.free_size), 0)
+                ref = _take(grad, use.view)
+            else:
+                moment = use.sign * jnp.sum(_bias_product(use, d, dtype), axis=0)
+                ref = _take(grad, use.entries)
+            scale = jnp.maximum(jnp.max(jnp.abs(ref), initial=0.0), jnp.max(jnp.abs(moment), initial=0.0))
+            rows.append(jnp.stack([jnp.max(jnp.abs(moment - ref), initial=0.0), scale]))
+        return jnp.stack(rows).astype(jnp.float32)
+
+    return guard

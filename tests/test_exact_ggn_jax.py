@@ -235,7 +235,11 @@ def _oracle_squares(apply: Apply, params: dict, x: jax.Array, U: np.ndarray) -> 
 
 @pytest.mark.parametrize("per_cotangent", [False, True])
 @pytest.mark.parametrize("budget", [2**30, 1])  # one chunk, or one sample and one cotangent per chunk
-def test_squares_per_cotangent_and_chunked(per_cotangent: bool, budget: int) -> None:
+@pytest.mark.parametrize("unroll", [False, True])  # backward passes vmapped over the cotangents, or one each
+def test_squares_per_cotangent_and_chunked(
+    per_cotangent: bool, budget: int, unroll: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(jax_per_sample._Passes, "choose", lambda self, k_chunk: (unroll, False))
     apply, shapes, d = MODELS["mixed"]()
     params = _init(shapes)
     x, _ = data(5, d, 3)
