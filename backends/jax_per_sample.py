@@ -40,8 +40,8 @@ restricted to those entries: the reads of their views are replaced by slices
 of a shorter vector ``v``, so the per-sample backward passes produce ``K·N·|v|``
 numbers and nothing for the other entries.  Entries nothing reads have a
 zero diagonal.  Both routes share one forward and one backward pass per
-chunk of samples and cotangents, compiled once per input shape with
-``jax.jit``.
+chunk of samples and cotangents, compiled once per input shape by the
+backend (``jax.jit``).
 
 Guard (as in the PyTorch route): the first moment of the structured
 products, ``Σ_n Σ_k`` of them, must equal the gradient of ``⟨z, Σ_k u_k⟩``
@@ -51,7 +51,6 @@ to the generic route (recompiled once, then kept for that input shape).
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from collections.abc import Callable, Hashable, Sequence
@@ -642,7 +641,8 @@ def per_sample_squares(
     """
     compiled: dict[Hashable, _Compiled] = {}
     whole: list[Squares] = []
-    forward = jax.jit(f)
+    # The backend's compile: jax.jit, and parameters replicated beside a batch sharded over devices.
+    forward = backend.compile(f)
 
     def fallback() -> Squares:
         if not whole:
@@ -657,8 +657,8 @@ def per_sample_squares(
         plan = _analyse(closed, int(w.shape[0]), rejected)
         if not plan.uses or len(closed.jaxpr.outvars) != 1:
             return None
-        chunk = _chunk_function(plan, per_cotangent)
-        return _Compiled(plan, chunk, _guard_function(plan, f, treedef), rejected=rejected)
+        chunk = backend.compile(_chunk_function(plan, per_cotangent))
+        return _Compiled(plan, chunk, backend.compile(_guard_function(plan, f, treedef)), rejected=rejected)
 
     def squares(w: Array, x: Any, cotangents: Callable[[Array], Array], memory_budget: int) -> Array:
         leaves, treedef = jax.tree_util.tree_flatten(x)
@@ -756,7 +756,7 @@ def _dense_rows(use: _Use, act: Array, dtype: Any) -> Array:
 
 
 def _chunk_function(plan: _Plan, per_cotangent: bool) -> Callable[..., Array]:
-    """The compiled squares of one chunk, ``(w, x leaves, U, unroll) -> (K, P) or (P,)``.
+    """The squares of one chunk, ``(w, x leaves, U, unroll) -> (K, P) or (P,)``, to be compiled.
 
     ``unroll`` runs the backward pass once per cotangent instead of vmapped
     over them (see :class:`_Passes`).
@@ -775,7 +775,6 @@ def _chunk_function(plan: _Plan, per_cotangent: bool) -> Callable[..., Array]:
             squares.append(total(d * d))
         return total(jnp.square(ct_v.astype(dtype))), squares
 
-    @functools.partial(jax.jit, static_argnums=3)
     def chunk(w: Array, leaves: list[Array], U: Array, unroll: bool) -> Array:
         dtype = w.dtype  # float32 for half-precision models (see _widened): squares are summed in it
         v = _slow_vector(plan, w)
@@ -816,7 +815,7 @@ def _chunk_function(plan: _Plan, per_cotangent: bool) -> Callable[..., Array]:
 
 
 def _guard_function(plan: _Plan, f: Callable[[Array, Any], Array], treedef: Any) -> Callable[..., Array]:
-    """The compiled guard of one chunk of samples, ``(w, x leaves, u) -> (uses, 2)``.
+    """The guard of one chunk of samples, ``(w, x leaves, u) -> (uses, 2)``, to be compiled.
 
     ``u`` is the sum of the cotangents, ``(n, ...)``.  Per recognized use:
     the largest deviation of the first moment of its products (``Σ_n`` of
@@ -825,7 +824,6 @@ def _guard_function(plan: _Plan, f: Callable[[Array, Any], Array], treedef: Any)
     of their magnitudes.
     """
 
-    @jax.jit
     def guard(w: Array, leaves: list[Array], u: Array) -> Array:
         dtype = w.dtype
         v = _slow_vector(plan, w)
