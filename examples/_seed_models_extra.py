@@ -175,11 +175,11 @@ def transformer_keras(keras_layer_norm: bool = False):
 
     The layer norms compute ``(x − mean) / √(mean((x − mean)²) + ε) · γ + β``
     with ``keras.ops``.  ``keras_layer_norm=True`` uses
-    ``keras.layers.LayerNormalization`` instead: on TensorFlow it takes the
-    variance from ``tf.nn.moments``, which stops the gradient through the mean
-    inside the variance.  First derivatives are unchanged (the stopped term
-    sums to zero), second derivatives are not, so that model's Hessian is not
-    the Hessian of the function it computes.
+    ``keras.layers.LayerNormalization`` instead, which on TensorFlow takes the
+    variance from ``tf.nn.moments``: that stops the gradient through the mean
+    inside the variance, which leaves first derivatives unchanged but not
+    second ones; multihess's TensorFlow products differentiate it through the
+    mean, so both models give the same Hessian.
     """
     import keras
     from keras import ops

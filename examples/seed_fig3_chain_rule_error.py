@@ -257,7 +257,7 @@ def histograms(errors: dict[str, dict[str, np.ndarray]], out: Path, prefix: str)
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        path = out / f"fig3_{prefix}_{layer}.png"
+        path = out / f"fig3_{prefix}_{layer.replace('.', '_')}.png"
         fig.savefig(path)
         plt.close(fig)
         paths.append(path)
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--keras-layer-norm",
         action="store_true",
-        help="transformer in Keras with keras.layers.LayerNormalization (whose second derivatives differ)",
+        help="transformer in Keras with keras.layers.LayerNormalization instead of layer norms written with keras.ops",
     )
     parser.add_argument(
         "--out", default="seed_fig3", help="folder for the PNGs and the errors as JSON (default ./seed_fig3)"
