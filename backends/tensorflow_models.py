@@ -9,6 +9,7 @@ parameters outside ``params=``.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -108,10 +109,12 @@ def stateful_binding(
 
     if is_keras_layer(model):
         frozen = [tf.identity(as_tensor(v)) for v in model.non_trainable_variables]
+        # Inference mode where call() takes it; Keras accepts a call(self, x) without it, so do we.
+        mode = {"training": False} if _takes_training(model) else {}
 
         def apply(flat: tf.Tensor, x: Any) -> tf.Tensor:
             # stateless_call reads the given values instead of the variables and writes nothing back.
-            out, _ = model.stateless_call(filled(flat, values), frozen, x, training=False)
+            out, _ = model.stateless_call(filled(flat, values), frozen, x, **mode)
             return out
 
     else:
@@ -178,6 +181,15 @@ def _module_variables(module: tf.Module) -> list[tuple[str, tf.Variable]]:
 
 def _call_module(module: Any, x: Any) -> Any:
     return module(*x) if isinstance(x, tuple) else module(x)
+
+
+def _takes_training(layer: Any) -> bool:
+    """Whether ``layer.call`` accepts a ``training`` argument (by name, or through ``**kwargs``)."""
+    try:
+        parameters = inspect.signature(layer.call).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: Keras's own layers all take it
+        return True
+    return any(p.name == "training" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def _module_apply(module: tf.Module, variables: list[tf.Variable]) -> Callable[[list[tf.Tensor], Any], tf.Tensor]:

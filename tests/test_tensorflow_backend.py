@@ -596,3 +596,25 @@ def test_variance_by_moments_has_its_exact_hessian() -> None:
     np.testing.assert_allclose(H, (2 / n) * (np.eye(n) - np.ones((n, n)) / n), rtol=1e-12, atol=1e-15)
     mean, variance = tf.nn.moments(tf.constant(x), [0])  # the user's tf.nn.moments is back afterwards
     assert float(variance) == pytest.approx(np.var(x)) and tf.nn.moments.__module__.startswith("tensorflow")
+
+
+def test_subclassed_keras_model_whose_call_takes_no_training_flag() -> None:
+    class TwoLayers(keras.Model):
+        def __init__(self) -> None:
+            super().__init__()
+            self.hidden = keras.layers.Dense(3, activation="tanh", dtype="float64")
+            self.out = keras.layers.Dense(2, dtype="float64")
+
+        def call(self, x):  # Keras accepts call() without training=
+            return self.out(self.hidden(x))
+
+    rng = np.random.default_rng(0)
+    x, y = tf.constant(rng.normal(size=(5, 4))), tf.constant(rng.integers(0, 2, 5))
+    model = TwoLayers()
+    model(x)
+    W1, b1 = (v.numpy() for v in model.hidden.weights)
+    W2, b2 = (v.numpy() for v in model.out.weights)
+    p = {"W1": W1, "b1": b1, "W2": W2, "b2": b2}
+    expected = hessian_oracle(p, x.numpy(), y.numpy(), "cross_entropy", ["W1", "b1", "W2", "b2"])
+    H = mh.hessian(model, data=(x, y), loss="cross_entropy").dense().numpy()
+    np.testing.assert_allclose(H, expected, rtol=1e-6, atol=1e-8)
