@@ -14,9 +14,10 @@ product made from ``δ`` alone:
 - ``y = h ± b`` with ``b`` broadcast over some axes of ``h`` (a dense or a
   convolution bias): ``±δ_n`` summed over the broadcast axes.
 
-``δ = ∂⟨z_n, u⟩/∂y`` comes from one backward pass, vmapped over the ``K``
-cotangents, of a re-evaluation of the jaxpr that adds a zero "probe" to each
-such ``y``: the cotangent of a probe is ``δ``.
+``δ = ∂⟨z_n, u⟩/∂y`` comes from the backward pass, for all ``K`` cotangents
+(vmapped over them, or once per cotangent when that is faster: see
+:class:`_Passes`), of a re-evaluation of the jaxpr that adds a zero "probe"
+to each such ``y``: the cotangent of a probe is ``δ``.
 
 What is seen.  The model is traced once per input shape, on a batch of one
 sample (``jax.make_jaxpr``), and the re-evaluation is vmapped over the
@@ -47,6 +48,11 @@ Guard (as in the PyTorch route): the first moment of the structured
 products, ``Σ_n Σ_k`` of them, must equal the gradient of ``⟨z, Σ_k u_k⟩``
 from an ordinary VJP of ``f``; a recognized op whose entries disagree is sent
 to the generic route (recompiled once, then kept for that input shape).
+Unlike PyTorch, where an extension op can read a parameter unseen, the
+jaxpr shows every read, and what the route computes for an op is a function
+of the jaxpr alone; so the check (an extra forward and backward pass) runs
+on every call only until each recognized op has agreed once at a point where
+its gradient is not zero.
 """
 
 from __future__ import annotations
@@ -713,7 +719,8 @@ def _run(entry: _Compiled, w: Array, leaves: list[Array], U: Array, budget: int)
     else:
         result = sum(parts[1:], parts[0])
     if timed:
-        entry.passes.record(unroll, (jax.block_until_ready(result), time.perf_counter() - start)[1])
+        jax.block_until_ready(result)  # the time of the work, not of its dispatch
+        entry.passes.record(unroll, time.perf_counter() - start)
     if not entry.checking:
         return result, frozenset()
 
