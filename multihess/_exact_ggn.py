@@ -47,6 +47,7 @@ class _State:
     def __init__(self) -> None:
         self.squares: dict[bool, Callable[..., Array]] = {}
         self.independent: bool | None = None
+        self.roots: Callable[[Array, Array], Array] | None = None
 
 
 _STATES: weakref.WeakKeyDictionary[CurvatureOperator, _State] = weakref.WeakKeyDictionary()
@@ -84,11 +85,15 @@ def ggn_diagonal_samples(
     state = _STATES.setdefault(op, _State())
     b = problem.backend
 
+    if method == "exact" and state.roots is None:
+        # Compiled once: run op by op, the square roots cost more than the structured squares (JAX).
+        state.roots = b.compile(lambda z, y: per_sample_roots(b, loss, z, y))
+
     def batch_squares(batch: Any) -> Any:
         y = batch[1]
         check_target_mass(b, loss, y, method)
         if method == "exact":
-            cotangents = lambda z: per_sample_roots(b, loss, z, y)  # noqa: E731
+            cotangents = lambda z: state.roots(z, y)  # noqa: E731
         else:
             cotangents = lambda z: sampled_roots(b, loss, z, y, k, rng)  # noqa: E731
         return _squares(state, problem, binding, batch, cotangents, per_cotangent=method == "mc", budget=budget)
