@@ -4,6 +4,9 @@ Models are functions ``apply_fn(params, x)`` of any pytree ``params``
 (nested dicts/lists/tuples, flax-style variable dicts, registered custom
 pytrees such as equinox modules), plain scalar functions ``fn(params)``, and
 callable pytrees used as stateful models (``model(x)``, equinox style).
+The parameters are the tree's arrays, except for flax models: an
+``nnx.Module``'s ``nnx.Param`` leaves, and the ``"params"`` collection of a
+linen variables dict with other collections (``"batch_stats"``).
 Parameter names are the dotted key paths of ``jax.tree_util``
 (``"dense.kernel"``, ``"layers.0.w"``); a bare array is ``"params"``.  The
 flat vector follows JAX's leaf order, the order of
@@ -17,7 +20,8 @@ compiled once per operator by :meth:`JaxBackend.compile`.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Hashable, Sequence
+import sys
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -31,6 +35,23 @@ from .._trees import TreeLayout, TreeTools, framework_of, named_leaves, split_fl
 def _is_jax_array(x: Any) -> bool:
     # Tracers are jax.Array instances too, so this holds inside jit/vmap.
     return isinstance(x, jax.Array)
+
+
+def _flax_parameters(tree: Any, named: list[tuple[str, Array]]) -> list[tuple[str, Array]]:
+    """The trainable arrays of a flax model, by flax's own conventions; every array otherwise.
+
+    An ``nnx.Module`` holds its batch statistics, caches and RNG state as arrays
+    of the same pytree: only its ``nnx.Param`` leaves are parameters.  A linen
+    variables dict (``{"params": ..., "batch_stats": ...}``) keeps them in the
+    ``"params"`` collection.  ``params=`` still selects among these.
+    """
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is not None and isinstance(tree, nnx.Module):
+        trainable = {id(leaf) for leaf in jax.tree_util.tree_leaves(nnx.state(tree, nnx.Param))}
+        return [(n, leaf) for n, leaf in named if id(leaf) in trainable]
+    if "flax" in sys.modules and isinstance(tree, Mapping) and "params" in tree and len(tree) > 1:
+        return [(n, leaf) for n, leaf in named if n.startswith("params.")]
+    return named
 
 
 def _is_array_like(x: Any) -> bool:
@@ -164,7 +185,8 @@ class JaxBackend(Backend):
     def named_parameters(self, model: Any, weights: Any) -> list[tuple[str, Array]]:
         tree, _ = self._tree_and_call(model, weights)
         named, _ = named_leaves(self.tree, tree)
-        return [(n, leaf) for n, leaf in named if _is_jax_array(leaf)]
+        arrays = [(n, leaf) for n, leaf in named if _is_jax_array(leaf)]
+        return _flax_parameters(tree, arrays)
 
     def bind(self, model: Any, weights: Any, selected: Sequence[str]) -> ParameterBinding:
         tree, call = self._tree_and_call(model, weights)

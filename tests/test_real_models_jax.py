@@ -166,8 +166,8 @@ def linen_case(name: str) -> Case:
     kwargs: dict[str, Any] = {}
     if "batch_stats" in variables:
         stats = {k: dict(zip(("mean", "var"), running_stats(rng, 4))) for k in variables["batch_stats"]}
+        # The running statistics are variables too, but not parameters: multihess takes the "params" collection.
         variables = {"params": variables["params"], "batch_stats": stats}
-        kwargs = {"params": "params.*"}  # the running statistics are variables too, but not parameters
     w0, unravel = ravel_pytree(variables["params"])
 
     def outputs(w: jax.Array) -> jax.Array:
@@ -274,8 +274,7 @@ def nnx_case(name: str) -> Case:
         for bn in (model.bn0, model.bn1, model.bn2):
             mean, var = running_stats(rng, 4)
             bn.mean[...], bn.var[...] = mean, var
-        # nnx.BatchStat leaves are arrays of the module pytree like the nnx.Param leaves; params= keeps them out.
-        kwargs = {"params": ["*.kernel.value", "*.scale.value", "*.bias.value"]}
+        # nnx.BatchStat leaves are arrays of the module pytree like the nnx.Param leaves; only the Params count.
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     w0, unravel = ravel_pytree(params)
 
