@@ -10,11 +10,11 @@ direction from :func:`multihess.hessian` next to a central second difference
 of the loss.
 
 Data: scikit-learn's handwritten digits, 8×8 images enlarged to 32×32×3 (the
-seed's CIFAR-10 / LeNet shapes); the loss is the mean cross-entropy on 256 of them.
+seed's CIFAR-10 / LeNet shapes); the loss is the mean cross-entropy on 512 of them.
 
 Run::
 
-    python examples/seed_fig1_landscape.py                 # 25×25 grid, writes landscape_contour.png, _surface.png
+    python examples/seed_fig1_landscape.py                 # 31×31 grid, writes landscape_contour.png, _surface.png
     python examples/seed_fig1_landscape.py --quick         # 7×7 grid, a few seconds
 """
 
@@ -139,7 +139,7 @@ def plots(coords: np.ndarray, values: np.ndarray, out: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--grid", type=int, default=25, help="points per axis (default 25)")
+    parser.add_argument("--grid", type=int, default=31, help="points per axis (default 31)")
     parser.add_argument("--span", type=float, default=1.0, help="the grid covers [-span, span]² (default 1)")
     parser.add_argument("--epochs", type=int, default=5, help="training epochs before the plot (default 5)")
     parser.add_argument("--out", default="seed_fig1", help="folder for the PNGs (default ./seed_fig1)")
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.grid < 3 or args.epochs < 0 or args.span <= 0:
         parser.error("--grid must be at least 3, --epochs non-negative, --span positive")
-    samples = 256
+    samples = 512
     if args.quick:
         args.grid, args.epochs, samples = 7, 1, 128
     torch.manual_seed(0)
