@@ -275,7 +275,12 @@ class TorchBackend(Backend):
     def per_sample_squares(
         self, f: Callable[[Array, Any], Array], per_cotangent: bool = False
     ) -> Callable[[Array, Any, Callable[[Array], Array], int], Array]:
-        """Squared per-sample products without holding them for linear layers (see :mod:`.torch_per_sample`)."""
+        """Squared per-sample products, structured where the op is recognized (see :mod:`.torch_per_sample`).
+
+        Linear layers, convolutions, inference-mode batch norm and layer norm
+        are summed without holding per-sample products; other reads of the
+        parameters take the generic route, restricted to their entries.
+        """
         generic = lambda g, pc: generic_squares(self, g, pc)  # noqa: E731
         return torch_per_sample.per_sample_squares(f, per_cotangent, generic)
 
