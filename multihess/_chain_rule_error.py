@@ -10,7 +10,7 @@ import numpy as np
 from ._ggn import GGNOperator
 from ._groups import resolve_groups
 from ._hessian import HessianOperator
-from ._problem import Problem, build_problem
+from ._problem import Problem, build_loss_problem
 
 ALL = "all"
 """Key of the result for the whole direction."""
@@ -89,21 +89,8 @@ def chain_rule_error(
     >>> errors["all"].relative_error > 1e-6  # across the tanh layer it is not
     True
     """
-    problem, _, _ = build_problem(
-        model,
-        weights,
-        data,
-        loss,
-        params,
-        None,
-        reduction,
-        backend,
-        True,
-        need_loss=True,
-        batch_fn=batch_fn,
-        progress=progress,
-        cache_data=cache_data,
-        distributed=distributed,
+    problem = build_loss_problem(
+        model, weights, data, loss, params, reduction, backend, batch_fn, progress, cache_data, distributed
     )
     return chain_rule_errors(problem, direction, groups)
 

@@ -253,6 +253,39 @@ def build_problem(
     return problem, rows, cols
 
 
+def build_loss_problem(
+    model: Any,
+    weights: Any,
+    data: Any,
+    loss: Any,
+    params: Any,
+    reduction: str,
+    backend_name: str | None,
+    batch_fn: Callable[[Any], Any] | None,
+    progress: bool | None,
+    cache_data: bool,
+    distributed: Any,
+) -> Problem:
+    """One problem over ``params`` with model outputs and a loss, for H and G together (reports, chain-rule errors)."""
+    problem, _, _ = build_problem(
+        model,
+        weights,
+        data,
+        loss,
+        params,
+        None,
+        reduction,
+        backend_name,
+        True,
+        need_loss=True,
+        batch_fn=batch_fn,
+        progress=progress,
+        cache_data=cache_data,
+        distributed=distributed,
+    )
+    return problem
+
+
 def _first_batch(source: DataSource) -> Batch:
     """The first batch of a pass (read now, to detect the framework and check the model once)."""
     for batch in source:

@@ -17,7 +17,7 @@ from ._checks import check_count
 from ._estimate import Estimate
 from ._ggn import GGNOperator
 from ._hessian import HessianOperator
-from ._problem import build_problem
+from ._problem import build_loss_problem
 from ._spectral import SpectralDensity, eigvalsh, spectral_density
 from ._summary import summary
 from ._trace import trace
@@ -205,21 +205,8 @@ def report(
         raise TypeError(f"progress must be True, False or None (automatic), got {type(progress).__name__}")
 
     # One problem for H, G and the chain-rule error: the data source is opened (or cached) once.
-    problem, _, _ = build_problem(
-        model,
-        weights,
-        data,
-        loss,
-        params,
-        None,
-        reduction,
-        backend,
-        True,
-        need_loss=True,
-        batch_fn=batch_fn,
-        progress=progress,
-        cache_data=cache_data,
-        distributed=distributed,
+    problem = build_loss_problem(
+        model, weights, data, loss, params, reduction, backend, batch_fn, progress, cache_data, distributed
     )
     H, G = HessianOperator(problem), GGNOperator(problem)
     k = min(k, H.shape[0])
