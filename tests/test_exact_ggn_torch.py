@@ -19,6 +19,8 @@ parameters).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -131,12 +133,9 @@ def test_exact_diagonal_of_real_models(name: str) -> None:
     np.testing.assert_allclose(exact_diagonal(model, x, y, loss), expected, rtol=1e-10, atol=1e-14 * expected.max())
 
 
-def test_batch_statistics_fall_back_to_whole_batch_products() -> None:
-    # In training mode BatchNorm mixes the samples: G = Jᵀ H_z J with J the Jacobian of the whole batch.
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).double()
-    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
-    named = [(n, p) for n, p in model.named_parameters()]
+def flat_outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """The model's parameters as one flat vector, and its outputs on ``x`` as a function of that vector."""
+    named = list(model.named_parameters())
     w0 = torch.cat([p.detach().reshape(-1) for _, p in named])
     buffers = {n: b.clone() for n, b in model.named_buffers()}
 
@@ -144,6 +143,16 @@ def test_batch_statistics_fall_back_to_whole_batch_products() -> None:
         parts = torch.split(w, [p.numel() for _, p in named])
         params = {n: t.view(p.shape) for (n, p), t in zip(named, parts)}
         return torch.func.functional_call(model, {**params, **buffers}, (x,))
+
+    return w0, outputs
+
+
+def test_batch_statistics_fall_back_to_whole_batch_products() -> None:
+    # In training mode BatchNorm mixes the samples: G = Jᵀ H_z J with J the Jacobian of the whole batch.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    w0, outputs = flat_outputs(model, x)
 
     J = torch.autograd.functional.jacobian(outputs, w0).reshape(-1, w0.numel()).numpy()
     expected = np.einsum("ip,ip->p", J, J) * 2.0 / J.shape[0]  # H_z = 2/(N C) I
@@ -212,14 +221,7 @@ def test_float32_model_matches_the_float64_oracle() -> None:
 # ----------------------------------------------------------------------
 def whole_batch_diagonal(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str) -> np.ndarray:
     """``diag(Jᵀ H J)``, ``J`` the Jacobian of the whole batch's outputs, ``H`` the torch loss's Hessian in them."""
-    named = [(n, p) for n, p in model.named_parameters()]
-    w0 = torch.cat([p.detach().reshape(-1) for _, p in named])
-    buffers = {n: b.clone() for n, b in model.named_buffers()}
-
-    def outputs(w: torch.Tensor) -> torch.Tensor:
-        parts = torch.split(w, [p.numel() for _, p in named])
-        params = {n: t.view(p.shape) for (n, p), t in zip(named, parts)}
-        return torch.func.functional_call(model, {**params, **buffers}, (x,))
+    w0, outputs = flat_outputs(model, x)
 
     z = outputs(w0).detach()
     J = torch.func.jacrev(outputs)(w0).reshape(z.numel(), -1)
