@@ -368,8 +368,20 @@ class TensorFlowBackend(Backend):
     def per_sample_squares(
         self, f: Callable[[Array, Any], Array], per_cotangent: bool = False
     ) -> Callable[[Array, Any, Callable[[Array], Array], int], Array]:
-        """The generic squares of per-sample products, with the pairs batched by :meth:`per_sample_vjp`."""
-        return generic_squares(self, f, per_cotangent, vjps=self.per_sample_vjp)
+        """Squares by the structured route of :mod:`.tensorflow_per_sample`, the generic one for what it leaves.
+
+        Entries read once by a recognized op (``MatMul``, ``Conv2D``, a
+        broadcast bias or scale) take per-sample products from the cotangents
+        at that op's output; every other entry, or the whole model where
+        nothing is recognized, goes through the generic squares of
+        per-sample products with the pairs batched by :meth:`per_sample_vjp`.
+        """
+        from .tensorflow_per_sample import per_sample_squares
+
+        def generic(g: Callable[[Array, Any], Array], pc: bool) -> Any:
+            return generic_squares(self, g, pc, vjps=self.per_sample_vjp)
+
+        return per_sample_squares(f, per_cotangent, generic, self.compile)
 
     def per_sample_vjp(self, f: Callable[[Array, Any], Array], w: Array, x: Any, U: Array) -> Array:
         """``out[k, n] = J_nᵀ U[k, n]``, every (cotangent, sample) pair in one ``tf.vectorized_map``.

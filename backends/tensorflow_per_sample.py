@@ -1,0 +1,572 @@
+"""Sums of squared per-sample products in TensorFlow without the generic per-sample route.
+
+The exact GGN diagonal is ``Σ_n Σ_k (J_nᵀ u_nk)²``.  The generic route forms
+every per-sample product by a per-sample backward pass of the whole network
+(``K·N·P`` numbers).  A parameter that enters the model once, through an op
+whose derivative in that parameter contracts the cotangent at the op's output
+with something the forward pass already has, has per-sample products made
+from that cotangent ``δ = ∂⟨z, u⟩/∂out`` alone:
+
+- ``out = a @ W`` (``MatMul``, Keras ``Dense``; rows of ``a`` grouped by
+  sample, several rows per sample for inputs with extra axes): ``Σ_t a_ntᵀ δ_nt``,
+  and for one row per sample ``Σ_n (a_nᵀ δ_n)² = (a²)ᵀ (δ²)``, one matmul;
+- ``out = conv(x, K)`` (``Conv2D`` in NHWC, which Keras ``Conv1D`` and
+  ``Conv2D`` lower to): ``δ_n`` contracted with the input patches of sample
+  ``n`` (``tf.image.extract_patches``), as BackPACK does;
+- ``out = h + b``, ``out = h * g`` (``AddV2``, ``BiasAdd``, ``Mul``) with the
+  parameter broadcast over the samples (biases, layer norm's scale and
+  shift): ``δ_n`` (times ``h_n``) summed over the broadcast axes.
+
+Which entries of the flat parameter vector each op reads is found in the
+graph that ``f`` traces into, not from a list of layers: the flat vector's
+views (``SplitV``, ``Reshape``, ``ExpandDims``, ``Squeeze``, ``Identity``)
+are followed to the ops that read them.  An entry read exactly once, by a
+recognized op, takes this route; every other entry that is read (embeddings,
+batch norm's folded scale, attention's einsums, tied weights, ops inside
+nested functions or control flow) goes through the generic per-sample route
+restricted to those entries.  A subclassed layer is seen through the ops its
+``call`` actually runs.
+
+The cotangents ``δ`` at every recognized output come from one backward pass
+per cotangent ``u_k`` (``tf.map_fn`` over the ``K`` cotangents, on a
+persistent tape of one forward pass).
+
+Two guards keep the result exact, run the first time an input signature is
+met (and their verdict kept): for every recognized read,
+
+- the first moment weighted by a random factor ``c_n`` per sample,
+  ``Σ_n c_n Σ_k product_nk``, must equal the ordinary gradient of
+  ``⟨z, c ⊙ Σ_k u_k⟩`` on its entries: this pins the op's formula and which
+  rows of its output belong to which sample;
+- the products of two samples, for every cotangent, must equal the generic
+  per-sample VJPs of those samples evaluated alone: this pins that the op's
+  input rows of a sample depend on that sample only.
+
+Reads that fail either go the generic route.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+Squares = Callable[[tf.Tensor, Any, Callable[[tf.Tensor], tf.Tensor], int], tf.Tensor]
+Generic = Callable[[Callable[[tf.Tensor, Any], tf.Tensor], bool], Squares]
+
+_ZERO = tf.UnconnectedGradients.ZERO
+_VIEWS = frozenset({"Identity", "Reshape", "ExpandDims", "Squeeze"})
+"""Ops whose output holds the entries of their first input in the same (row-major) order."""
+_METADATA = frozenset({"Shape", "ShapeN", "Rank", "Size"})
+"""Ops that read a tensor's shape, not its entries."""
+_CHECK_SAMPLES = 2
+"""Samples whose structured products are compared with their own per-sample VJPs (the first and the last)."""
+
+
+def _sample_slice(x: Any, start: int, stop: int) -> Any:
+    return tuple(a[start:stop] for a in x) if isinstance(x, tuple) else x[start:stop]
+
+
+def _signature(w: tf.Tensor, x: Any) -> tuple:
+    """What a compiled function is traced for: the shapes and dtypes of ``w`` and ``x``."""
+    return tuple((tuple(a.shape), a.dtype.name) for a in tf.nest.flatten((w, x)))
+
+
+# ----------------------------------------------------------------------
+# Recognized reads: per-sample products from the cotangent at the output
+# ----------------------------------------------------------------------
+@dataclass(eq=False)
+class _Use:
+    """One recognized read of the entries ``start:stop`` of the flat vector, by an op with output ``out``.
+
+    Axis 0 of ``out`` holds the samples (``N`` of them), possibly with
+    several consecutive rows per sample (``rows``).  Cotangents ``deltas``
+    at ``out`` come as ``(k, *out.shape)``.
+    """
+
+    start: int
+    stop: int
+    out: tf.Tensor
+    num_samples: int
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.start, self.stop)
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    def products(self, deltas: tf.Tensor, n0: int, n1: int) -> tf.Tensor:
+        """Per-sample products ``(k, n1 - n0, size)`` of samples ``n0:n1``."""
+        raise NotImplementedError
+
+    def total(self, delta: tf.Tensor) -> tf.Tensor:
+        """``Σ_n`` of the products of one cotangent ``delta`` (shaped like ``out``): ``(size,)``."""
+        return tf.reduce_sum(self.products(delta[None], 0, self.num_samples)[0], axis=0)
+
+    def sample_bytes(self, k: int) -> int:
+        """Bytes per sample that :meth:`products` holds for ``k`` cotangents (products and squares)."""
+        return 2 * k * self.size * self.out.dtype.size
+
+    def square_sums(self, deltas: tf.Tensor, per_cotangent: bool, budget: int) -> tf.Tensor:
+        """``Σ_n`` of the squared products: ``(k, size)`` if ``per_cotangent``, else ``(size,)``."""
+        k, N = int(deltas.shape[0]), self.num_samples
+        n_chunk = int(max(1, min(N, budget // max(self.sample_bytes(k), 1))))
+        total = None
+        for n0 in range(0, N, n_chunk):  # a few chunks at most under a sane budget: unrolled at trace time
+            g = self.products(deltas, n0, min(n0 + n_chunk, N))
+            s = tf.reduce_sum(g * g, axis=1)
+            total = s if total is None else total + s
+        return total if per_cotangent else tf.reduce_sum(total, axis=0)
+
+
+@dataclass(eq=False)
+class _MatMul(_Use):
+    """``out = a @ B`` (``transpose_b``: ``a @ Bᵀ``) with ``a`` of ``rows`` consecutive rows per sample."""
+
+    a: tf.Tensor = None  # type: ignore[assignment]
+    transpose_b: bool = False
+    rows: int = 1
+
+    def products(self, deltas: tf.Tensor, n0: int, n1: int) -> tf.Tensor:
+        k, out_dim, in_dim = int(deltas.shape[0]), int(self.out.shape[-1]), int(self.a.shape[-1])
+        a = tf.reshape(self.a, (self.num_samples, self.rows, in_dim))[n0:n1]
+        d = tf.reshape(deltas, (k, self.num_samples, self.rows, out_dim))[:, n0:n1]
+        g = tf.einsum(
+            "knbo,nbi->knoi" if self.transpose_b else "nbi,knbo->knio",
+            d if self.transpose_b else a,
+            a if self.transpose_b else d,
+        )
+        return tf.reshape(g, (k, n1 - n0, self.size))
+
+    def total(self, delta: tf.Tensor) -> tf.Tensor:
+        g = (
+            tf.matmul(delta, self.a, transpose_a=True)
+            if self.transpose_b
+            else tf.matmul(self.a, delta, transpose_a=True)
+        )
+        return tf.reshape(g, (self.size,))
+
+    def square_sums(self, deltas: tf.Tensor, per_cotangent: bool, budget: int) -> tf.Tensor:
+        if self.rows != 1:
+            return super().square_sums(deltas, per_cotangent, budget)
+        # One row per sample: Σ_n (a_nᵀ δ_n)² = (a²)ᵀ (δ²), no per-sample product formed.
+        a2, d2 = self.a * self.a, deltas * deltas  # (N, in), (k, N, out)
+        if per_cotangent:
+            g = tf.einsum(
+                "kno,ni->koi" if self.transpose_b else "ni,kno->kio", *((d2, a2) if self.transpose_b else (a2, d2))
+            )
+            return tf.reshape(g, (-1, self.size))
+        d2 = tf.reduce_sum(d2, axis=0)
+        g = tf.matmul(d2, a2, transpose_a=True) if self.transpose_b else tf.matmul(a2, d2, transpose_a=True)
+        return tf.reshape(g, (self.size,))
+
+
+@dataclass(eq=False)
+class _Broadcast(_Use):
+    """``out = h + b`` or ``out = h * b`` (``factor`` is ``h``) with ``b`` broadcast over the samples.
+
+    ``axes`` are the axes of ``out`` (never 0) over which ``b`` is broadcast;
+    a sample's product is ``δ_n`` (times ``h_n``) summed over them.
+    """
+
+    axes: tuple[int, ...] = ()
+    factor: tf.Tensor | None = None
+
+    def products(self, deltas: tf.Tensor, n0: int, n1: int) -> tf.Tensor:
+        d = deltas[:, n0:n1]
+        if self.factor is not None:
+            d = d * tf.broadcast_to(self.factor, self.out.shape)[n0:n1]
+        if self.axes:
+            d = tf.reduce_sum(d, axis=[a + 1 for a in self.axes])
+        return tf.reshape(d, (int(deltas.shape[0]), n1 - n0, self.size))
+
+
+@dataclass(eq=False)
+class _Conv2D(_Use):
+    """The kernel ``(kh, kw, C_in, C_out)`` of ``out = conv2d(x, kernel)`` in NHWC."""
+
+    x: tf.Tensor = None  # type: ignore[assignment]
+    kernel: tuple[int, ...] = ()
+    strides: tuple[int, ...] = ()
+    dilations: tuple[int, ...] = ()
+    padding: str = "VALID"
+
+    def patches(self, n0: int, n1: int) -> tf.Tensor:
+        """The input windows of samples ``n0:n1``: ``(n, positions, kh · kw · C_in)``, ordered like the kernel."""
+        kh, kw = self.kernel[:2]
+        p = tf.image.extract_patches(
+            self.x[n0:n1], [1, kh, kw, 1], list(self.strides), list(self.dilations), self.padding
+        )
+        return tf.reshape(p, (n1 - n0, -1, int(p.shape[-1])))
+
+    def products(self, deltas: tf.Tensor, n0: int, n1: int) -> tf.Tensor:
+        k, c_out = int(deltas.shape[0]), self.kernel[-1]
+        d = tf.reshape(deltas[:, n0:n1], (k, n1 - n0, -1, c_out))
+        g = tf.einsum("npi,knpo->knio", self.patches(n0, n1), d)
+        return tf.reshape(g, (k, n1 - n0, self.size))
+
+    def total(self, delta: tf.Tensor) -> tf.Tensor:
+        d = tf.reshape(delta, (-1, self.kernel[-1]))
+        p = tf.reshape(self.patches(0, self.num_samples), (int(d.shape[0]), -1))
+        return tf.reshape(tf.matmul(p, d, transpose_a=True), (self.size,))
+
+    def sample_bytes(self, k: int) -> int:
+        positions = math.prod(int(s) for s in self.out.shape[1:-1])
+        return (2 * k * self.size + positions * self.size // self.kernel[-1]) * self.out.dtype.size
+
+
+# ----------------------------------------------------------------------
+# The graph of one forward pass: where the flat vector's entries are read
+# ----------------------------------------------------------------------
+@dataclass
+class _Record:
+    """The reads of the flat vector ``w`` (``P`` entries) by the ops of one traced forward pass."""
+
+    P: int
+    counts: np.ndarray = None  # type: ignore[assignment]
+    uses: list[_Use] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.counts = np.zeros(self.P, dtype=np.int64)
+
+    def clean(self) -> list[_Use]:
+        """The recognized reads of entries that nothing else reads."""
+        return [u for u in self.uses if bool(np.all(self.counts[u.start : u.stop] == 1))]
+
+
+def _record(w: tf.Tensor, z: tf.Tensor, num_samples: int) -> _Record:
+    """Follow the views of ``w`` in the current graph to the ops that read them (called at trace time)."""
+    P = int(w.shape[0])
+    record = _Record(P)
+    stack: list[tuple[tf.Tensor, int, int]] = [(w, 0, P)]
+    views: set[Any] = set()
+    while stack:
+        t, start, stop = stack.pop()
+        views.add(t.ref())
+        for op in t.consumers():
+            if op.type in _METADATA:
+                continue
+            if op.type in _VIEWS and op.inputs[0] is t and all(i is not t for i in list(op.inputs)[1:]):
+                stack.append((op.outputs[0], start, stop))
+                continue
+            pieces = _split_pieces(op, t, start, stop)
+            if pieces is not None:
+                stack.extend(pieces)
+                continue
+            for index, tensor in enumerate(op.inputs):
+                if tensor is t:
+                    record.counts[start:stop] += 1
+                    use = _recognize(op, index, start, stop, num_samples, views)
+                    if use is not None:
+                        record.uses.append(use)
+    return record
+
+
+def _split_pieces(op: tf.Operation, t: tf.Tensor, start: int, stop: int) -> list[tuple[tf.Tensor, int, int]] | None:
+    """The ranges of the outputs of a ``SplitV`` or ``Split`` of a 1-D view along axis 0, else ``None``."""
+    if op.type == "SplitV" and op.inputs[0] is t and len(t.shape) == 1:
+        sizes, axis = tf.get_static_value(op.inputs[1]), tf.get_static_value(op.inputs[2])
+    elif op.type == "Split" and op.inputs[1] is t and len(t.shape) == 1:
+        axis = tf.get_static_value(op.inputs[0])
+        sizes = [int(o.shape[0]) if o.shape[0] is not None else -1 for o in op.outputs]
+    else:
+        return None
+    if sizes is None or axis is None or int(axis) not in (0, -1) or any(int(s) < 0 for s in sizes):
+        return None
+    offsets = np.concatenate([[0], np.cumsum(np.asarray(sizes, dtype=np.int64))]) + start
+    if offsets[-1] != stop:
+        return None
+    return [(o, int(a), int(b)) for o, a, b in zip(op.outputs, offsets[:-1], offsets[1:])]
+
+
+def _static_shape(t: tf.Tensor) -> tuple[int, ...] | None:
+    dims = t.shape.as_list() if t.shape.rank is not None else None
+    return None if dims is None or any(d is None for d in dims) else tuple(dims)
+
+
+def _recognize(op: tf.Operation, index: int, start: int, stop: int, N: int, views: set[Any]) -> _Use | None:
+    """The recognized use of input ``index`` of ``op`` (a view of entries ``start:stop``), or ``None``."""
+    out = op.outputs[0] if op.outputs else None
+    if out is None or not out.dtype.is_floating:
+        return None
+    out_shape = _static_shape(out)
+    if out_shape is None or len(out_shape) < 2 or out_shape[0] % max(N, 1) or N == 0:
+        return None
+    others = [t for i, t in enumerate(op.inputs) if i != index]
+    if any(t.ref() in views for t in others):  # the parameters against themselves: no sample axis
+        return None
+    param = op.inputs[index]
+    if op.type == "MatMul" and index == 1 and not op.get_attr("transpose_a"):
+        a = op.inputs[0]
+        if len(out_shape) != 2 or _static_shape(a) is None:
+            return None
+        return _MatMul(start, stop, out, N, a=a, transpose_b=bool(op.get_attr("transpose_b")), rows=out_shape[0] // N)
+    if out_shape[0] != N:
+        return None
+    if op.type == "Conv2D" and index == 1:
+        return _conv2d(op, start, stop, out, N)
+    if op.type in ("AddV2", "Add", "Mul", "BiasAdd"):
+        shape = _static_shape(param)
+        if shape is None:
+            return None
+        if op.type == "BiasAdd":
+            if index != 1 or len(shape) != 1:
+                return None
+            fmt = op.get_attr("data_format")
+            channel = 1 if (fmt.decode() if isinstance(fmt, bytes) else fmt).startswith("NC") else len(out_shape) - 1
+            padded = tuple(shape[0] if i == channel else 1 for i in range(len(out_shape)))
+        else:
+            if len(shape) > len(out_shape):
+                return None
+            padded = (1,) * (len(out_shape) - len(shape)) + shape
+        if padded[0] != 1 or any(p not in (1, o) for p, o in zip(padded, out_shape)):
+            return None
+        axes = tuple(i for i in range(1, len(out_shape)) if padded[i] == 1)
+        factor = others[0] if op.type == "Mul" else None
+        if factor is not None and (_static_shape(factor) is None or not factor.dtype.is_floating):
+            return None
+        return _Broadcast(start, stop, out, N, axes=axes, factor=factor)
+    return None
+
+
+def _conv2d(op: tf.Operation, start: int, stop: int, out: tf.Tensor, N: int) -> _Use | None:
+    fmt = op.get_attr("data_format")
+    padding = op.get_attr("padding")
+    fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
+    padding = padding.decode() if isinstance(padding, bytes) else padding
+    x, kernel = op.inputs[0], _static_shape(op.inputs[1])
+    x_shape = _static_shape(x)
+    if fmt != "NHWC" or padding not in ("VALID", "SAME") or kernel is None or x_shape is None or len(x_shape) != 4:
+        return None
+    if kernel[2] != x_shape[3]:  # grouped convolution
+        return None
+    strides, dilations = tuple(op.get_attr("strides")), tuple(op.get_attr("dilations"))
+    if strides[0] != 1 or strides[3] != 1 or dilations[0] != 1 or dilations[3] != 1:
+        return None
+    return _Conv2D(start, stop, out, N, x=x, kernel=kernel, strides=strides, dilations=dilations, padding=padding)
+
+
+def _deltas(tape: tf.GradientTape, z: tf.Tensor, outs: list[tf.Tensor], U: tf.Tensor) -> list[tf.Tensor]:
+    """``∂⟨z, U[k]⟩/∂out`` for every row of ``U`` and every output: one ``(k, *out.shape)`` tensor per output."""
+    if int(U.shape[0]) == 1:
+        return [g[None] for g in tape.gradient(z, outs, output_gradients=U[0], unconnected_gradients=_ZERO)]
+    signature = tuple(tf.TensorSpec(o.shape, o.dtype) for o in outs)
+    return list(
+        tf.map_fn(
+            lambda u: tuple(tape.gradient(z, outs, output_gradients=u, unconnected_gradients=_ZERO)),
+            U,
+            fn_output_signature=signature,
+        )
+    )
+
+
+def _assemble(P: int, parts: list[tuple[int, int, tf.Tensor]], rows: int | None, dtype: tf.DType) -> tf.Tensor:
+    """A ``(P,)`` (or ``(rows, P)``) vector with ``parts`` at their entries and zeros elsewhere."""
+    pieces, at = [], 0
+    lead = () if rows is None else (rows,)
+    for start, stop, part in sorted(parts, key=lambda p: p[0]):
+        if start > at:
+            pieces.append(tf.zeros(lead + (start - at,), dtype))
+        pieces.append(tf.reshape(part, lead + (stop - start,)))
+        at = stop
+    if at < P:
+        pieces.append(tf.zeros(lead + (P - at,), dtype))
+    return pieces[0] if len(pieces) == 1 else tf.concat(pieces, axis=-1)
+
+
+def _close(actual: np.ndarray, expected: np.ndarray, eps: float) -> bool:
+    """Agreement up to rounding: ``10 √ε`` of the larger magnitude (the two sides sum in different orders)."""
+    if expected.size == 0:
+        return True
+    scale = max(float(np.max(np.abs(expected))), float(np.max(np.abs(actual))), 1e-30)
+    return bool(np.max(np.abs(expected - actual)) <= 10.0 * math.sqrt(eps) * scale)
+
+
+# ----------------------------------------------------------------------
+# The route
+# ----------------------------------------------------------------------
+@dataclass
+class _Plan:
+    """What one input signature takes: the accepted reads, and the generic route for the remaining entries."""
+
+    fast: frozenset[tuple[int, int]]
+    rest: np.ndarray
+    delta_bytes: int = 0
+    run: Callable[..., tf.Tensor] | None = None
+    rest_squares: Squares | None = None
+    base: tf.Variable | None = None
+
+
+class StructuredSquares:
+    """``squares(w, x, cotangents, memory_budget)`` of :meth:`Backend.per_sample_squares`, by the recorded route.
+
+    Parameters
+    ----------
+    f : callable
+        ``f(w, x)``, the model's outputs for flat parameters ``w`` and a batch ``x``.
+    per_cotangent : bool
+        Squares per cotangent ``(K, P)`` instead of summed ``(P,)``.
+    generic : callable
+        ``generic(g, per_cotangent)``: the generic route's squares function for
+        a function ``g(v, x)``; used for the whole model where nothing is
+        recognized, and for the entries the recognized reads leave.
+    compile : callable
+        The backend's ``tf.function`` wrapper.
+
+    Attributes
+    ----------
+    plans : dict
+        Per input signature, the entries that take the structured route
+        (:attr:`structured_entries` counts them), kept between calls.
+    """
+
+    def __init__(
+        self, f: Callable[[tf.Tensor, Any], tf.Tensor], per_cotangent: bool, generic: Generic, compile: Callable
+    ) -> None:
+        self.f, self.per_cotangent, self.generic, self.compile = f, per_cotangent, generic, compile
+        self.whole = generic(f, per_cotangent)
+        self.forward = compile(lambda w, x: f(w, x))
+        self.plans: dict[tuple, _Plan] = {}
+        self.info: dict[str, Any] = {}
+
+    def structured_entries(self) -> int:
+        """How many entries of the flat vector take the structured route, summed over the input signatures met."""
+        return sum(sum(b - a for a, b in plan.fast) for plan in self.plans.values())
+
+    def __call__(
+        self, w: tf.Tensor, x: Any, cotangents: Callable[[tf.Tensor], tf.Tensor], memory_budget: int
+    ) -> tf.Tensor:
+        key = _signature(w, x)
+        z = self.forward(w, x)
+        U = cotangents(tf.stop_gradient(z))
+        if key not in self.plans:
+            self.plans[key] = self._plan(w, x, z, U, memory_budget)
+        plan = self.plans[key]
+        if not plan.fast:
+            return self.whole(w, x, lambda _: U, memory_budget)
+        K = int(U.shape[0])
+        k_chunk = int(max(1, min(K, memory_budget // max(plan.delta_bytes, 1))))
+        parts = [plan.run(w, x, U[k0 : k0 + k_chunk], memory_budget) for k0 in range(0, K, k_chunk)]
+        result = parts[0] if len(parts) == 1 else (tf.concat(parts, 0) if self.per_cotangent else tf.add_n(parts))
+        if plan.rest.size:
+            plan.base.assign(w)
+            rest = tf.constant(plan.rest[:, None])
+            part = plan.rest_squares(tf.gather(w, plan.rest), x, lambda _: U, memory_budget)
+            if self.per_cotangent:
+                result = tf.transpose(tf.tensor_scatter_nd_add(tf.transpose(result), rest, tf.transpose(part)))
+            else:
+                result = tf.tensor_scatter_nd_add(result, rest, part)
+        return result
+
+    # ------------------------------------------------------------------ the structured pass
+    def _traced(
+        self, w: tf.Tensor, x: Any, accepted: frozenset | None
+    ) -> tuple[tf.GradientTape, tf.Tensor, _Record, list[_Use]]:
+        """One forward pass on a persistent tape, its reads, and the recognized reads of entries nothing else reads."""
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(w)
+            z = self.f(w, x)
+        # Read before any other op consumes w: every consumer seen now belongs to the forward pass.
+        record = _record(w, z, int(z.shape[0]) if z.shape.rank else 0)
+        uses = record.clean() if z.shape.rank else []
+        if accepted is not None:
+            uses = [u for u in uses if u.key in accepted]
+        return tape, z, record, uses
+
+    def _make_run(self, accepted: frozenset) -> Callable[..., tf.Tensor]:
+        per_cotangent = self.per_cotangent
+
+        def run(w: tf.Tensor, x: Any, U: tf.Tensor, budget: int) -> tf.Tensor:
+            tape, z, _, uses = self._traced(w, x, accepted)
+            outs = list({id(u.out): u.out for u in uses}.values())
+            deltas = dict(zip((id(o) for o in outs), _deltas(tape, z, outs, U)))
+            parts = [(u.start, u.stop, u.square_sums(deltas[id(u.out)], per_cotangent, budget)) for u in uses]
+            return _assemble(int(w.shape[0]), parts, int(U.shape[0]) if per_cotangent else None, w.dtype)
+
+        return self.compile(run)
+
+    # ------------------------------------------------------------------ the guards, once per signature
+    def _plan(self, w: tf.Tensor, x: Any, z: tf.Tensor, U: tf.Tensor, budget: int) -> _Plan:
+        P, N = int(w.shape[0]), int(z.shape[0]) if z.shape.rank else 0
+        if N == 0 or not w.dtype.is_floating or w.dtype.size < 4:
+            return _Plan(frozenset(), np.zeros(0, np.int64))
+        found: dict[str, Any] = {}
+        samples = sorted({0, N - 1})[:_CHECK_SAMPLES]
+        c = tf.constant(1.0 + np.random.default_rng(0).random(N), dtype=U.dtype)
+
+        def check(w: tf.Tensor, x: Any, U: tf.Tensor) -> dict[str, Any]:
+            tape, z, record, uses = self._traced(w, x, None)
+            found["uses"] = [(u.key, type(u).__name__) for u in uses]
+            found["counts"] = record.counts
+            outs = list({id(u.out): u.out for u in uses}.values())
+            found["outs"] = {u.key: (id(u.out), math.prod(u.out.shape.as_list()) * u.out.dtype.size) for u in uses}
+            deltas = dict(zip((id(o) for o in outs), _deltas(tape, z, outs, U))) if outs else {}
+            u_c = tf.reduce_sum(U, 0) * tf.reshape(c, (N,) + (1,) * (len(U.shape) - 2))
+            grad = tape.gradient(z, w, output_gradients=u_c, unconnected_gradients=_ZERO)
+            weighted, alone = [], []
+            for u in uses:
+                d = tf.reduce_sum(deltas[id(u.out)], axis=0)
+                d = tf.reshape(tf.reshape(d, (N, -1)) * c[:, None], d.shape)
+                weighted.append(u.total(d))
+                alone.append([u.products(deltas[id(u.out)], n, n + 1)[:, 0] for n in samples])
+            generic = []
+            for n in samples:
+                x_n = _sample_slice(x, n, n + 1)
+
+                def one(u: tf.Tensor, x_n: Any = x_n) -> tf.Tensor:
+                    with tf.GradientTape() as t:
+                        t.watch(w)
+                        out = self.f(w, x_n)
+                    return t.gradient(out, w, output_gradients=u[None], unconnected_gradients=_ZERO)
+
+                generic.append(tf.map_fn(one, U[:, n], fn_output_signature=w.dtype))
+            return {"grad": grad, "weighted": weighted, "alone": alone, "generic": generic}
+
+        try:
+            result = self.compile(check)(w, x, U)
+        except Exception:  # an op the analysis or its gradients cannot handle: the generic route, always sound
+            return _Plan(frozenset(), np.zeros(0, np.int64))
+        eps = float(np.finfo(w.dtype.as_numpy_dtype).eps)
+        grad = result["grad"].numpy()
+        accepted = set()
+        for i, (key, _) in enumerate(found["uses"]):
+            a, b = key
+            ok = _close(result["weighted"][i].numpy(), grad[a:b], eps)
+            for j in range(len(samples)):
+                ok = ok and _close(result["alone"][i][j].numpy(), result["generic"][j].numpy()[:, a:b], eps)
+            if ok:
+                accepted.add(key)
+        counts = found["counts"]
+        fast = np.zeros(P, dtype=bool)
+        for a, b in accepted:
+            fast[a:b] = True
+        # Entries read by other ops or rejected go the generic route; entries no op reads have zero products,
+        # which the gradient confirms (else they go the generic route too).
+        rest = np.nonzero(~fast & ((counts > 0) | (grad != 0)))[0].astype(np.int64)
+        self.info[str(_signature(w, x))] = {"uses": found["uses"], "accepted": sorted(accepted), "rest": int(rest.size)}
+        if not accepted:
+            return _Plan(frozenset(), rest)
+        plan = _Plan(frozenset(accepted), rest)
+        plan.delta_bytes = sum(dict(found["outs"][key] for key in accepted).values())
+        plan.run = self._make_run(plan.fast)
+        if rest.size:
+            plan.base = tf.Variable(w, trainable=False)
+            base, index = plan.base, tf.constant(rest[:, None])
+            f = self.f
+            plan.rest_squares = self.generic(
+                lambda v, x: f(tf.tensor_scatter_nd_update(base, index, v), x), self.per_cotangent
+            )
+        return plan
+
+
+def per_sample_squares(
+    f: Callable[[tf.Tensor, Any], tf.Tensor], per_cotangent: bool, generic: Generic, compile: Callable
+) -> StructuredSquares:
+    """``squares(w, x, cotangents, memory_budget)`` by the recorded route, ``generic`` for what it leaves."""
+    return StructuredSquares(f, per_cotangent, generic, compile)
