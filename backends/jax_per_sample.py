@@ -252,9 +252,10 @@ class _Plan:
     probe_at: dict[Key, int]  # equation -> probe added to its output
     record: dict[Key, list[int]]  # equation -> uses whose activation it provides
     inline: set[Key]  # call equations evaluated equation by equation
-    replace: dict[Key, list[tuple[int, tuple]]]  # equation -> (operand, how to read it from v)
+    replace: dict[Key, list[tuple[int, tuple]]]  # equation -> (operand, how to read it from the segments of v)
     replace_out: list[tuple[int, tuple]]  # the same for the jaxpr's outputs
     slow: list[tuple[int, int, int]]  # (start, stop, offset in v) of the entries for the generic route
+    segments: list[list[tuple[int, int]]]  # the pieces of v, in order: each as the ranges of w it holds
     work: int  # float entries of one sample's activations: the backward pass's working set per cotangent
 
     @property
@@ -346,10 +347,14 @@ def _analyse(closed: ClosedJaxpr, P: int, rejected: frozenset[Key]) -> _Plan:
     position = np.full(P, -1, dtype=np.int64)
     position[slow_mask] = np.arange(offset)
 
+    reads = [(key, j, position[o]) for key, j, o in others]
+    out_positions = [(j, position[o]) for j, o in out_reads]
+    cuts = _cuts([p for *_, p in reads] + [p for _, p in out_positions], offset)
     replace: dict[Key, list[tuple[int, tuple]]] = {}
-    for key, j, o in others:
-        replace.setdefault(key, []).append((j, _reader(position[o])))
-    replace_out = [(j, _reader(position[o])) for j, o in out_reads]
+    for key, j, p in reads:
+        replace.setdefault(key, []).append((j, _reader(p, cuts)))
+    replace_out = [(j, _reader(p, cuts)) for j, p in out_positions]
+    segments = [_sources(slow, int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:])]
 
     # Probes: one per output of a recognized op; a dense output read only by a recognized bias added to it
     # has the bias's δ (the sum passes the cotangent through unchanged), so it shares that probe.
@@ -377,7 +382,7 @@ def _analyse(closed: ClosedJaxpr, P: int, rejected: frozenset[Key]) -> _Plan:
     for u in uses:
         if u.slot < 0:
             u.slot = probe_at[u.key]
-    return _Plan(closed, P, uses, probes, probe_at, record, inline, replace, replace_out, slow, work)
+    return _Plan(closed, P, uses, probes, probe_at, record, inline, replace, replace_out, slow, segments, work)
 
 
 def _trace(f: Callable[[Array, Any], Array], w: Any, leaves: Sequence[Any], treedef: Any) -> ClosedJaxpr:
@@ -422,30 +427,67 @@ def _float_size(aval: Any) -> int:
     return math.prod(aval.shape)
 
 
-def _reader(positions: np.ndarray) -> tuple:
-    """How to read a view whose entries all take the generic route from ``v``: a slice where they are in order."""
+def _cuts(reads: list[np.ndarray], S: int) -> np.ndarray:
+    """Where ``v`` is cut into segments: at both ends of the span of every read, so each read lies in few.
+
+    ``v`` enters the per-sample backward pass as a list of segments, not as
+    one vector: the cotangent of a slice of one vector is a zero-padded copy
+    of the whole vector, so ``R`` reads would cost ``R`` additions of ``S``
+    entries per (sample, cotangent) pair (on the benchmark transformer that
+    was 80% of the time), where a segment's cotangent holds its own entries
+    only.
+    """
+    cuts = {0, S}
+    for positions in reads:
+        if positions.size:
+            cuts.update((int(positions.min()), int(positions.max()) + 1))
+    return np.array(sorted(cuts), dtype=np.int64)
+
+
+def _sources(slow: list[tuple[int, int, int]], a: int, b: int) -> list[tuple[int, int]]:
+    """The ranges of ``w`` that make up positions ``a:b`` of ``v``."""
+    out = []
+    for start, stop, offset in slow:
+        lo, hi = max(a, offset), min(b, offset + stop - start)
+        if lo < hi:
+            out.append((start + lo - offset, start + hi - offset))
+    return out
+
+
+def _reader(positions: np.ndarray, cuts: np.ndarray) -> tuple:
+    """How to read a view whose entries all take the generic route from the segments of ``v``.
+
+    ``("slice", first, last, shape)``: segments ``first:last`` joined are the
+    view in order (one segment, as a rule); ``("take", first, last,
+    indices)``: a gather from them, the indices relative to segment ``first``.
+    """
     if positions.size and bool(np.any(positions < 0)):
         raise AssertionError("a read of entries outside the generic route")  # every other read is routed there
     flat = positions.ravel()
+    if not flat.size:
+        return ("empty", positions.shape)
+    lo, hi = int(flat.min()), int(flat.max()) + 1
+    first, last = int(np.searchsorted(cuts, lo)), int(np.searchsorted(cuts, hi))
     if _is_contiguous(flat):
-        return ("slice", int(flat[0]) if flat.size else 0, positions.shape)
-    return ("take", positions)
+        return ("slice", first, last, positions.shape)
+    return ("take", first, last, positions - lo)
 
 
 # ----------------------------------------------------------------------
 # Re-evaluation with probes
 # ----------------------------------------------------------------------
-def _read_v(v: Array, how: tuple, dtype: Any) -> Array:
-    if how[0] == "slice":
-        _, start, shape = how
-        part = jax.lax.slice_in_dim(v, start, start + math.prod(shape)).reshape(shape)
-    else:
-        part = jnp.take(v, how[1])
+def _read_v(v: Sequence[Array], how: tuple, dtype: Any) -> Array:
+    """One read of generic entries from the segments of ``v`` (see :func:`_reader`)."""
+    if how[0] == "empty":
+        return jnp.zeros(how[1], dtype)
+    _, first, last, arg = how
+    span = v[first] if last == first + 1 else jnp.concatenate(v[first:last])
+    part = span.reshape(arg) if how[0] == "slice" else jnp.take(span, arg)
     return part.astype(dtype)
 
 
 def _evaluate(
-    plan: _Plan, w: Array, v: Array, x_leaves: Sequence[Array], probes: Sequence[Array]
+    plan: _Plan, w: Array, v: Sequence[Array], x_leaves: Sequence[Array], probes: Sequence[Array]
 ) -> tuple[list[Array], dict[int, Array]]:
     """The jaxpr's outputs with probes added and reads of generic entries taken from ``v``, and the activations."""
     acts: dict[int, Array] = {}
@@ -739,21 +781,24 @@ def _run(entry: _Compiled, w: Array, leaves: list[Array], U: Array, budget: int)
     return result, rejected
 
 
-def _pullback(plan: _Plan, w: Array, v: Array, x_n: list[Array]) -> tuple[Array, Callable, dict[int, Array]]:
+def _pullback(plan: _Plan, w: Array, v: list[Array], x_n: list[Array]) -> tuple[Array, Callable, dict[int, Array]]:
     """One sample's outputs, the pullback to ``(v, probes)``, and the activations of the recognized uses."""
     x_one = [a[None] for a in x_n]
     zeros = [jnp.zeros(s, dt) for s, dt in plan.probes]
 
-    def g(v_: Array, probes: list[Array]) -> tuple[Array, dict[int, Array]]:
+    def g(v_: list[Array], probes: list[Array]) -> tuple[Array, dict[int, Array]]:
         outs, acts = _evaluate(plan, w, v_, x_one, probes)
         return outs[0], acts
 
     return jax.vjp(g, v, zeros, has_aux=True)
 
 
-def _slow_vector(plan: _Plan, w: Array) -> Array:
-    """``v``: the entries of ``w`` for the generic route, in order."""
-    return jnp.concatenate([w[a:b] for a, b, _ in plan.slow]) if plan.slow else jnp.zeros((0,), w.dtype)
+def _slow_vector(plan: _Plan, w: Array) -> list[Array]:
+    """``v``: the entries of ``w`` for the generic route, in order, as its segments."""
+    return [
+        w[ranges[0][0] : ranges[0][1]] if len(ranges) == 1 else jnp.concatenate([w[a:b] for a, b in ranges])
+        for ranges in plan.segments
+    ]
 
 
 def _dense_rows(use: _Use, act: Array, dtype: Any) -> Array:
@@ -770,7 +815,7 @@ def _chunk_function(plan: _Plan, per_cotangent: bool) -> Callable[..., Array]:
     """
     keep_k = per_cotangent
 
-    def reduce(ct_v: Array, deltas: list[Array], dtype: Any) -> tuple[Array, list[Array]]:
+    def reduce(ct_v: list[Array], deltas: list[Array], dtype: Any) -> tuple[list[Array], list[Array]]:
         """One sample's squares for a block of cotangents ``(k, ...)``: summed over them unless kept."""
         total = (lambda t: t) if keep_k else (lambda t: jnp.sum(t, axis=0))
         squares = []
@@ -780,7 +825,7 @@ def _chunk_function(plan: _Plan, per_cotangent: bool) -> Callable[..., Array]:
             else:
                 d = _bias_product(use, deltas[use.slot], dtype)
             squares.append(total(d * d))
-        return total(jnp.square(ct_v.astype(dtype))), squares
+        return [total(jnp.square(c.astype(dtype))) for c in ct_v], squares
 
     def chunk(w: Array, leaves: list[Array], U: Array, unroll: bool) -> Array:
         dtype = w.dtype  # float32 for half-precision models (see _widened): squares are summed in it
@@ -795,17 +840,17 @@ def _chunk_function(plan: _Plan, per_cotangent: bool) -> Callable[..., Array]:
             parts = []
             for k in range(U_n.shape[0]):
                 ct_v, deltas = pullback(U_n[k][None].astype(z.dtype))
-                parts.append(reduce(ct_v[None], [d[None] for d in deltas], dtype))
+                parts.append(reduce([c[None] for c in ct_v], [d[None] for d in deltas], dtype))
             combine = (lambda *t: jnp.concatenate(t, axis=0)) if keep_k else (lambda *t: sum(t[1:], t[0]))
             return jax.tree.map(combine, *parts), acts
 
-        # Per sample: squares of the generic products ((k,) S) and of each use's products ((k,) free or
-        # (k,) reduced), and the activations of the dense uses.
+        # Per sample: squares of the generic products (per segment of v, (k,) size) and of each use's
+        # products ((k,) free or (k,) reduced), and the activations of the dense uses.
         (generic, squares), acts = jax.vmap(one, in_axes=(0, 1))(leaves, U)
         lead = (U.shape[0],) if per_cotangent else ()
         pieces: list[tuple[np.ndarray, Array]] = []
         if plan.slow:
-            sq = jnp.sum(generic, axis=0)
+            sq = jnp.concatenate([jnp.sum(g, axis=0) for g in generic], axis=-1)
             for a, b, o in plan.slow:
                 pieces.append((np.arange(a, b), sq[..., o : o + b - a]))
         for i, use in enumerate(plan.uses):
