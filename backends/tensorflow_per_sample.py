@@ -63,6 +63,8 @@ _VIEWS = frozenset({"Identity", "Reshape", "ExpandDims", "Squeeze"})
 """Ops whose output holds the entries of their first input in the same (row-major) order."""
 _METADATA = frozenset({"Shape", "ShapeN", "Rank", "Size"})
 """Ops that read a tensor's shape, not its entries."""
+_IDENTITY_CONV_DEPTH = 64
+"""Window entries (kh · kw · C_in) up to which a convolution's windows are gathered by an identity convolution."""
 _CHECK_SAMPLES = 2
 """Samples whose structured products are compared with their own per-sample VJPs (the first and the last)."""
 
@@ -198,18 +200,60 @@ class _Conv2D(_Use):
     padding: str = "VALID"
 
     def patches(self, n0: int, n1: int) -> tf.Tensor:
-        """The input windows of samples ``n0:n1``: ``(n, positions, kh · kw · C_in)``, ordered like the kernel."""
-        kh, kw = self.kernel[:2]
-        p = tf.image.extract_patches(
-            self.x[n0:n1], [1, kh, kw, 1], list(self.strides), list(self.dilations), self.padding
-        )
-        return tf.reshape(p, (n1 - n0, -1, int(p.shape[-1])))
+        """The input windows of samples ``n0:n1``: ``(n, positions, kh · kw · C_in)``, ordered like the kernel.
+
+        ``tf.image.extract_patches`` measured 8x slower than either of two
+        gatherings on LeNet-5's first layer (2-core CPU): a convolution with
+        an identity kernel (the same strides, dilations and padding as the
+        layer's, so the same windows), cheapest for few window entries, and
+        strided slices of the padded input, cheapest for many.
+        """
+        kh, kw, c_in = self.kernel[:3]
+        x = self.x[n0:n1]
+        depth = kh * kw * c_in
+        if depth <= _IDENTITY_CONV_DEPTH:
+            eye = tf.reshape(tf.eye(depth, dtype=x.dtype), (kh, kw, c_in, depth))
+            p = tf.nn.conv2d(x, eye, list(self.strides), self.padding, dilations=list(self.dilations))
+            return tf.reshape(p, (n1 - n0, -1, depth))
+        (_, sh, sw, _), (_, dh, dw, _) = self.strides, self.dilations
+        ho, wo = (int(s) for s in self.out.shape[1:3])
+        if self.padding == "SAME":  # TensorFlow's SAME: the smaller half of the padding before
+            pads = []
+            for size, out, k, st, d in ((x.shape[1], ho, kh, sh, dh), (x.shape[2], wo, kw, sw, dw)):
+                total = max((out - 1) * st + (k - 1) * d + 1 - int(size), 0)
+                pads.append([total // 2, total - total // 2])
+            x = tf.pad(x, [[0, 0], *pads, [0, 0]])
+        cols = [
+            x[:, i * dh : i * dh + (ho - 1) * sh + 1 : sh, j * dw : j * dw + (wo - 1) * sw + 1 : sw, :]
+            for i in range(kh)
+            for j in range(kw)
+        ]
+        return tf.reshape(tf.concat(cols, axis=-1), (n1 - n0, -1, depth))
+
+    def _grouped(self, deltas: tf.Tensor, n0: int, n1: int) -> tf.Tensor:
+        """Per-sample products ``(n, kh · kw · C_in, k · C_out)``: one batched matmul over the samples."""
+        k, c_out = int(deltas.shape[0]), self.kernel[-1]
+        d = tf.reshape(deltas[:, n0:n1], (k, n1 - n0, -1, c_out))
+        d = tf.reshape(tf.transpose(d, (1, 2, 0, 3)), (n1 - n0, -1, k * c_out))
+        return tf.matmul(self.patches(n0, n1), d, transpose_a=True)
 
     def products(self, deltas: tf.Tensor, n0: int, n1: int) -> tf.Tensor:
         k, c_out = int(deltas.shape[0]), self.kernel[-1]
-        d = tf.reshape(deltas[:, n0:n1], (k, n1 - n0, -1, c_out))
-        g = tf.einsum("npi,knpo->knio", self.patches(n0, n1), d)
-        return tf.reshape(g, (k, n1 - n0, self.size))
+        g = tf.reshape(self._grouped(deltas, n0, n1), (n1 - n0, -1, k, c_out))
+        return tf.reshape(tf.transpose(g, (2, 0, 1, 3)), (k, n1 - n0, self.size))
+
+    def square_sums(self, deltas: tf.Tensor, per_cotangent: bool, budget: int) -> tf.Tensor:
+        k, N, c_out = int(deltas.shape[0]), self.num_samples, self.kernel[-1]
+        n_chunk = int(max(1, min(N, budget // max(self.sample_bytes(k), 1))))
+        total = None
+        for n0 in range(0, N, n_chunk):
+            g = self._grouped(deltas, n0, min(n0 + n_chunk, N))
+            s = tf.reduce_sum(g * g, axis=0)  # (kh · kw · C_in, k · C_out)
+            total = s if total is None else total + s
+        total = tf.reshape(total, (-1, k, c_out))
+        if per_cotangent:
+            return tf.reshape(tf.transpose(total, (1, 0, 2)), (k, self.size))
+        return tf.reshape(tf.reduce_sum(total, axis=1), (self.size,))
 
     def total(self, delta: tf.Tensor) -> tf.Tensor:
         d = tf.reshape(delta, (-1, self.kernel[-1]))
