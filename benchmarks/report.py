@@ -159,7 +159,9 @@ def markdown(rows: list[Row], meta: dict, best: dict) -> str:
         "encoder in train mode (dropout 0), the change a user must make for second derivatives of PyTorch's "
         "fused attention; the unmarked rows use the model as it is, as multihess and the peers do. "
         "Eigenvalue rows are checked against Lanczos run to convergence; *unconverged* means more than 1 % off "
-        "after 20 iterations. TensorFlow runs with `TF_ENABLE_ONEDNN_OPTS=0` (see `run.py`).",
+        "after 20 iterations. TensorFlow runs with `TF_ENABLE_ONEDNN_OPTS=0` (see `run.py`), and its "
+        "hand-written rows with `tf.nn.moments` replaced by a version differentiated through the mean (see "
+        "`rows_tf.py`): TensorFlow's own drops second-order terms of LayerNorm, as multihess corrects itself.",
         "",
     ]
     lines += summary(rows, best)

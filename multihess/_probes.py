@@ -52,22 +52,43 @@ def draw_probes(
     ``rng.standard_normal`` in float64, rounded to ``dtype``.  Both have
     ``E[z zᵀ] = I``.  ``order`` (from :func:`probe_order`) rearranges the
     drawn columns into the operator's parameter order.
+
+    >>> Z = draw_probes(np.random.default_rng(0), 2, 5, "rademacher")
+    >>> Z.shape, sorted(set(Z.ravel().tolist())) == [-1.0, 1.0]
+    ((2, 5), True)
     """
     if distribution == "rademacher":
-        words = -(-n // 64)
-        raw = rng.bit_generator.random_raw(num * words).astype("<u8", copy=False).reshape(num, words)
-        bits = np.unpackbits(raw.view(np.uint8), axis=1, count=n, bitorder="little").view(np.int8)
-        Z = np.empty((num, n), dtype=dtype)
-        # 1 - 2 b, each parameter's bits written once into its place in the output.
-        start = 0
-        for part in order or [slice(0, n)]:
-            stop = start + part.stop - part.start
-            np.multiply(bits[:, part], -2, out=Z[:, start:stop], casting="unsafe")
-            start = stop
-        Z += 1
-        return Z
+        return _rademacher_signs(rng, num, n, order).astype(dtype)
     Z = rng.standard_normal((num, n)).astype(dtype, copy=False)
     return Z if order is None else np.concatenate([Z[:, part] for part in order], axis=1)
+
+
+def _rademacher_signs(rng: np.random.Generator, num: int, n: int, order: list[slice] | None) -> np.ndarray:
+    """The Rademacher probes of :func:`draw_probes` as ``int8`` signs (one byte per entry)."""
+    words = -(-n // 64)
+    raw = rng.bit_generator.random_raw(num * words).astype("<u8", copy=False).reshape(num, words)
+    bits = np.unpackbits(raw.view(np.uint8), axis=1, count=n, bitorder="little").view(np.int8)
+    if order is not None:
+        bits = np.concatenate([bits[:, part] for part in order], axis=1)
+    bits *= -2  # 1 - 2 b in place: no second array of num · n entries
+    bits += 1
+    return bits
+
+
+def sent_probes(op: CurvatureOperator, rng: np.random.Generator, num: int, distribution: str) -> Any:
+    """The probes of :func:`draw_probes` for ``op`` as a framework array on its device, in its dtype.
+
+    Rademacher probes travel as ``int8`` signs and are widened on the
+    device: a quarter of the float32 bytes (an eighth of float64) to write
+    on the host and to copy, which for wide models costs as much as the
+    products themselves.  Gaussian probes travel in the operator's dtype.
+    The numbers are those of :func:`draw_probes` either way.
+    """
+    b, like = op.backend, op.cols.w
+    n, order = op.shape[1], probe_order(op)
+    if distribution == "rademacher":
+        return b.xp.astype(b.asarray(_rademacher_signs(rng, num, n, order), like), like.dtype)
+    return b.asarray(draw_probes(rng, num, n, distribution, order, probe_dtype(op)), like)
 
 
 def probe_dtype(op: CurvatureOperator) -> Any:
@@ -157,10 +178,9 @@ def probe_reductions(
     ``Σ_i z_i (Az)_i`` neither overflow (float16 stops at 65504) nor round
     each partial sum to 8 or 11 bits.
     """
-    b, like = op.backend, op.cols.w
-    n, order, dtype = op.shape[1], probe_order(op), probe_dtype(op)
+    b = op.backend
     for start, stop in chunks(num, rows_per_chunk(op, memory_budget)):
-        Z = b.asarray(draw_probes(rng, stop - start, n, distribution, order, dtype), like)
+        Z = sent_probes(op, rng, stop - start, distribution)
         AZ = op._matmat_rows(Z)
         yield np.asarray(b.to_numpy(reduce(widened(b.xp, Z), widened(b.xp, AZ))), dtype=np.float64)
 

@@ -23,7 +23,7 @@ import numpy as np
 from ._arrays import Array, machine_epsilon, shape
 from ._lanczos import Device, DeviceOperator
 from ._operator import CurvatureOperator
-from ._probes import chunks, draw_probes, probe_dtype, probe_order, rows_per_chunk
+from ._probes import chunks, rows_per_chunk, sent_probes
 
 _ESSENTIAL = 1e-6
 """A test vector whose null-space component is below this is one the others cannot replace."""
@@ -201,9 +201,7 @@ def _test_vectors(apply: DeviceOperator, rng: np.random.Generator, num: int, dis
     The accumulation copy is the product-dtype one widened, so that the
     algebra sees exactly the vectors the products saw.
     """
-    op = apply.op
-    drawn = draw_probes(rng, num, op.shape[1], distribution, probe_order(op), probe_dtype(op))
-    sent = op.backend.asarray(drawn, op.cols.w)
+    sent = sent_probes(apply.op, rng, num, distribution)
     return sent, apply.xp.astype(sent, apply.device.dtype)
 
 
