@@ -65,6 +65,8 @@ _METADATA = frozenset({"Shape", "ShapeN", "Rank", "Size"})
 """Ops that read a tensor's shape, not its entries."""
 _IDENTITY_CONV_DEPTH = 64
 """Window entries (kh · kw · C_in) up to which a convolution's windows are gathered by an identity convolution."""
+_UNROLLED_CHUNKS = 4
+"""Chunks of samples up to which a chunked sum is unrolled at trace time."""
 _CHECK_SAMPLES = 2
 """Samples whose structured products are compared with their own per-sample VJPs (the first and the last)."""
 
@@ -76,6 +78,24 @@ def _sample_slice(x: Any, start: int, stop: int) -> Any:
 def _signature(w: tf.Tensor, x: Any) -> tuple:
     """What a compiled function is traced for: the shapes and dtypes of ``w`` and ``x``."""
     return tuple((tuple(a.shape), a.dtype.name) for a in tf.nest.flatten((w, x)))
+
+
+def _chunked_sum(chunk: Callable[[Any, int], tf.Tensor], N: int, size: int) -> tf.Tensor:
+    """``Σ`` of ``chunk(n0, count)`` over chunks of ``size`` samples (a last, smaller one for the remainder).
+
+    A few chunks are unrolled at trace time; more go through a ``tf.while_loop``
+    (a small memory budget on a large batch would otherwise trace one copy
+    of the products per chunk).
+    """
+    full, rest = divmod(N, size)
+    if full + (rest > 0) <= _UNROLLED_CHUNKS:
+        parts = [chunk(n0, min(size, N - n0)) for n0 in range(0, N, size)]
+        return parts[0] if len(parts) == 1 else tf.add_n(parts)
+    first = chunk(0, size)
+    _, total = tf.while_loop(
+        lambda i, acc: i < full, lambda i, acc: (i + 1, acc + chunk(i * size, size)), (tf.constant(1), first)
+    )
+    return total + chunk(full * size, rest) if rest else total
 
 
 # ----------------------------------------------------------------------
@@ -103,8 +123,8 @@ class _Use:
     def size(self) -> int:
         return self.stop - self.start
 
-    def products(self, deltas: tf.Tensor, n0: int, n1: int) -> tf.Tensor:
-        """Per-sample products ``(k, n1 - n0, size)`` of samples ``n0:n1``."""
+    def products(self, deltas: tf.Tensor, n0: Any, count: int) -> tf.Tensor:
+        """Per-sample products ``(k, count, size)`` of the ``count`` samples from ``n0`` (an int or a scalar tensor)."""
         raise NotImplementedError
 
     def total(self, delta: tf.Tensor) -> tf.Tensor:
@@ -119,11 +139,12 @@ class _Use:
         """``Σ_n`` of the squared products: ``(k, size)`` if ``per_cotangent``, else ``(size,)``."""
         k, N = int(deltas.shape[0]), self.num_samples
         n_chunk = int(max(1, min(N, budget // max(self.sample_bytes(k), 1))))
-        total = None
-        for n0 in range(0, N, n_chunk):  # a few chunks at most under a sane budget: unrolled at trace time
-            g = self.products(deltas, n0, min(n0 + n_chunk, N))
-            s = tf.reduce_sum(g * g, axis=1)
-            total = s if total is None else total + s
+
+        def chunk(n0: Any, count: int) -> tf.Tensor:
+            g = self.products(deltas, n0, count)
+            return tf.reduce_sum(g * g, axis=1)
+
+        total = _chunked_sum(chunk, N, n_chunk)
         return total if per_cotangent else tf.reduce_sum(total, axis=0)
 
 
@@ -135,16 +156,16 @@ class _MatMul(_Use):
     transpose_b: bool = False
     rows: int = 1
 
-    def products(self, deltas: tf.Tensor, n0: int, n1: int) -> tf.Tensor:
+    def products(self, deltas: tf.Tensor, n0: Any, count: int) -> tf.Tensor:
         k, out_dim, in_dim = int(deltas.shape[0]), int(self.out.shape[-1]), int(self.a.shape[-1])
-        a = tf.reshape(self.a, (self.num_samples, self.rows, in_dim))[n0:n1]
-        d = tf.reshape(deltas, (k, self.num_samples, self.rows, out_dim))[:, n0:n1]
+        a = tf.reshape(self.a, (self.num_samples, self.rows, in_dim))[n0 : n0 + count]
+        d = tf.reshape(deltas, (k, self.num_samples, self.rows, out_dim))[:, n0 : n0 + count]
         g = tf.einsum(
             "knbo,nbi->knoi" if self.transpose_b else "nbi,knbo->knio",
             d if self.transpose_b else a,
             a if self.transpose_b else d,
         )
-        return tf.reshape(g, (k, n1 - n0, self.size))
+        return tf.reshape(g, (k, count, self.size))
 
     def total(self, delta: tf.Tensor) -> tf.Tensor:
         g = (
@@ -180,13 +201,13 @@ class _Broadcast(_Use):
     axes: tuple[int, ...] = ()
     factor: tf.Tensor | None = None
 
-    def products(self, deltas: tf.Tensor, n0: int, n1: int) -> tf.Tensor:
-        d = deltas[:, n0:n1]
+    def products(self, deltas: tf.Tensor, n0: Any, count: int) -> tf.Tensor:
+        d = deltas[:, n0 : n0 + count]
         if self.factor is not None:
-            d = d * tf.broadcast_to(self.factor, self.out.shape)[n0:n1]
+            d = d * tf.broadcast_to(self.factor, self.out.shape)[n0 : n0 + count]
         if self.axes:
             d = tf.reduce_sum(d, axis=[a + 1 for a in self.axes])
-        return tf.reshape(d, (int(deltas.shape[0]), n1 - n0, self.size))
+        return tf.reshape(d, (int(deltas.shape[0]), count, self.size))
 
 
 @dataclass(eq=False)
@@ -199,8 +220,8 @@ class _Conv2D(_Use):
     dilations: tuple[int, ...] = ()
     padding: str = "VALID"
 
-    def patches(self, n0: int, n1: int) -> tf.Tensor:
-        """The input windows of samples ``n0:n1``: ``(n, positions, kh · kw · C_in)``, ordered like the kernel.
+    def patches(self, n0: Any, count: int) -> tf.Tensor:
+        """The windows of ``count`` samples from ``n0``: ``(count, positions, kh · kw · C_in)``, in kernel order.
 
         ``tf.image.extract_patches`` measured 8x slower than either of two
         gatherings on LeNet-5's first layer (2-core CPU): a convolution with
@@ -209,12 +230,12 @@ class _Conv2D(_Use):
         strided slices of the padded input, cheapest for many.
         """
         kh, kw, c_in = self.kernel[:3]
-        x = self.x[n0:n1]
+        x = self.x[n0 : n0 + count]
         depth = kh * kw * c_in
         if depth <= _IDENTITY_CONV_DEPTH:
             eye = tf.reshape(tf.eye(depth, dtype=x.dtype), (kh, kw, c_in, depth))
             p = tf.nn.conv2d(x, eye, list(self.strides), self.padding, dilations=list(self.dilations))
-            return tf.reshape(p, (n1 - n0, -1, depth))
+            return tf.reshape(p, (count, -1, depth))
         (_, sh, sw, _), (_, dh, dw, _) = self.strides, self.dilations
         ho, wo = (int(s) for s in self.out.shape[1:3])
         if self.padding == "SAME":  # TensorFlow's SAME: the smaller half of the padding before
@@ -228,28 +249,29 @@ class _Conv2D(_Use):
             for i in range(kh)
             for j in range(kw)
         ]
-        return tf.reshape(tf.concat(cols, axis=-1), (n1 - n0, -1, depth))
+        return tf.reshape(tf.concat(cols, axis=-1), (count, -1, depth))
 
-    def _grouped(self, deltas: tf.Tensor, n0: int, n1: int) -> tf.Tensor:
+    def _grouped(self, deltas: tf.Tensor, n0: Any, count: int) -> tf.Tensor:
         """Per-sample products ``(n, kh · kw · C_in, k · C_out)``: one batched matmul over the samples."""
         k, c_out = int(deltas.shape[0]), self.kernel[-1]
-        d = tf.reshape(deltas[:, n0:n1], (k, n1 - n0, -1, c_out))
-        d = tf.reshape(tf.transpose(d, (1, 2, 0, 3)), (n1 - n0, -1, k * c_out))
-        return tf.matmul(self.patches(n0, n1), d, transpose_a=True)
+        d = tf.reshape(deltas[:, n0 : n0 + count], (k, count, -1, c_out))
+        d = tf.reshape(tf.transpose(d, (1, 2, 0, 3)), (count, -1, k * c_out))
+        return tf.matmul(self.patches(n0, count), d, transpose_a=True)
 
-    def products(self, deltas: tf.Tensor, n0: int, n1: int) -> tf.Tensor:
+    def products(self, deltas: tf.Tensor, n0: Any, count: int) -> tf.Tensor:
         k, c_out = int(deltas.shape[0]), self.kernel[-1]
-        g = tf.reshape(self._grouped(deltas, n0, n1), (n1 - n0, -1, k, c_out))
-        return tf.reshape(tf.transpose(g, (2, 0, 1, 3)), (k, n1 - n0, self.size))
+        g = tf.reshape(self._grouped(deltas, n0, count), (count, -1, k, c_out))
+        return tf.reshape(tf.transpose(g, (2, 0, 1, 3)), (k, count, self.size))
 
     def square_sums(self, deltas: tf.Tensor, per_cotangent: bool, budget: int) -> tf.Tensor:
         k, N, c_out = int(deltas.shape[0]), self.num_samples, self.kernel[-1]
         n_chunk = int(max(1, min(N, budget // max(self.sample_bytes(k), 1))))
-        total = None
-        for n0 in range(0, N, n_chunk):
-            g = self._grouped(deltas, n0, min(n0 + n_chunk, N))
-            s = tf.reduce_sum(g * g, axis=0)  # (kh · kw · C_in, k · C_out)
-            total = s if total is None else total + s
+
+        def chunk(n0: Any, count: int) -> tf.Tensor:
+            g = self._grouped(deltas, n0, count)
+            return tf.reduce_sum(g * g, axis=0)  # (kh · kw · C_in, k · C_out)
+
+        total = _chunked_sum(chunk, N, n_chunk)
         total = tf.reshape(total, (-1, k, c_out))
         if per_cotangent:
             return tf.reshape(tf.transpose(total, (1, 0, 2)), (k, self.size))
@@ -558,7 +580,7 @@ class StructuredSquares:
                 d = tf.reduce_sum(deltas[id(u.out)], axis=0)
                 d = tf.reshape(tf.reshape(d, (N, -1)) * c[:, None], d.shape)
                 weighted.append(u.total(d))
-                alone.append([u.products(deltas[id(u.out)], n, n + 1)[:, 0] for n in samples])
+                alone.append([u.products(deltas[id(u.out)], n, 1)[:, 0] for n in samples])
             generic = []
             for n in samples:
                 x_n = _sample_slice(x, n, n + 1)
