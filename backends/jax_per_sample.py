@@ -8,9 +8,15 @@ derivative in that parameter is a contraction of the cotangent ``δ`` at the
 op's output with something the forward pass already has, has a per-sample
 product made from ``δ`` alone:
 
-- ``y = dot_general(a, W)`` (either operand order, any contracting axis of
-  ``W``, ``a`` one row per sample): ``a_n ⊗ δ_n``, so
-  ``Σ_n (a_n ⊗ δ_n)² = (a²)ᵀ(δ²)``, one matrix product;
+- ``y = dot_general(a, W)`` (either operand order, any contracting axes,
+  no batch axes): with the free axes of ``a`` as its rows, ``a_n`` of shape
+  ``(T, in)`` (``T = 1`` in a plain dense layer, the tokens of a sequence
+  layer) and ``δ_n`` of shape ``(T, free)``, the product is ``a_nᵀ δ_n``.
+  Its squares summed over the ``k`` cotangents of a chunk are either formed
+  directly (``k·T·in·free`` per sample) or, when cheaper, through Gram
+  matrices of the rows, ``Σ_{t,s} (a_t a_s) ⊗ Σ_k (δ_kt δ_ks)`` (``T²``
+  terms; for ``T = 1`` the matrix product ``(a²)ᵀ(δ²)`` over the samples):
+  see :func:`_gram`;
 - ``y = h ± b`` with ``b`` broadcast over some axes of ``h`` (a dense or a
   convolution bias): ``±δ_n`` summed over the broadcast axes.
 
@@ -32,14 +38,16 @@ functions may nest those).  Every other equation that receives a view is an
 "other read": ``custom_jvp``/``custom_vjp`` calls, ``checkpoint``, control
 flow and everything else are not entered (entering them would drop their
 custom rules), convolutions, norms (``x * scale``), embeddings (gathers),
-``dot_general`` with batch dimensions or an activation of more than one row
-per sample (sequences), and views read by two ops (tied weights).
+``dot_general`` with batch dimensions (attention), and views read by two
+ops (tied weights).
 
 An entry read exactly once, by a recognized op, takes the structured route.
 Every other entry that is read goes through the generic per-sample route
 restricted to those entries: the reads of their views are replaced by slices
 of a shorter vector ``v``, so the per-sample backward passes produce ``K·N·|v|``
-numbers and nothing for the other entries.  Entries nothing reads have a
+numbers and nothing for the other entries.  ``v`` enters the backward pass
+as segments cut at the ends of every read (see :func:`_cuts`): the cotangent
+of a slice of one whole vector would be a zero-padded copy of all of it.  Entries nothing reads have a
 zero diagonal.  Both routes share one forward and one backward pass per
 chunk of samples and cotangents, compiled once per input shape by the
 backend (``jax.jit``).
@@ -149,10 +157,14 @@ class _Use:
     view: np.ndarray
     entries: np.ndarray
     out: Var
-    # dense: the activation's operand position, the transposition putting its contracted axes first (in the
-    # order of the parameter's), and how the product (in, free) maps onto the parameter's axes
+    # dense: the activation's operand position, the transposition putting its free axes (rows) first and its
+    # contracted axes last (in the order of the parameter's), how many rows it has, whether the output puts
+    # the parameter's free axes before the rows (the parameter is the left operand), and how the product
+    # (in, free) maps onto the parameter's axes
     act: int = -1
     act_perm: tuple[int, ...] = ()
+    rows: int = 1
+    rows_last: bool = False
     in_size: int = 0
     free_size: int = 0
     param_shape: tuple[int, ...] = ()  # the parameter's axes reordered: contracted first, then free
@@ -166,7 +178,12 @@ class _Use:
 
 
 def _dense(eqn: Any, key: Key, views: list[np.ndarray | None]) -> _Use | None:
-    """``dot_general`` of one parameter view and an activation of one row (free size 1), no batch axes."""
+    """``dot_general`` of one parameter view and an activation, no batch axes.
+
+    The activation's free axes are its rows: one in a plain dense layer,
+    ``T`` in a sequence layer, whose per-sample product is ``a_nᵀ δ_n``
+    (``a_n`` of shape ``(T, in)``, ``δ_n`` of shape ``(T, free)``).
+    """
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     if lb or rb or (views[0] is None) == (views[1] is None):
         return None
@@ -179,8 +196,6 @@ def _dense(eqn: Any, key: Key, views: list[np.ndarray | None]) -> _Use | None:
     p_c = tuple(int(d) for d in (lc if p == 0 else rc))
     a_c = tuple(int(d) for d in (rc if p == 0 else lc))
     a_free = tuple(d for d in range(len(act_aval.shape)) if d not in a_c)
-    if math.prod(act_aval.shape[d] for d in a_free) != 1:
-        return None  # more than one row per sample: a sequence, left to the generic route
     p_free = tuple(d for d in range(view.ndim) if d not in p_c)
     order = p_c + p_free
     in_size = math.prod(view.shape[d] for d in p_c)
@@ -193,7 +208,9 @@ def _dense(eqn: Any, key: Key, views: list[np.ndarray | None]) -> _Use | None:
         view,
         eqn.outvars[0],
         act=a,
-        act_perm=a_c + a_free,
+        act_perm=a_free + a_c,
+        rows=math.prod(act_aval.shape[d] for d in a_free),
+        rows_last=p == 0,
         in_size=in_size,
         free_size=free_size,
         param_shape=tuple(view.shape[d] for d in order),
@@ -740,8 +757,10 @@ def _run(entry: _Compiled, w: Array, leaves: list[Array], U: Array, budget: int)
     plan = entry.plan
     K, N = int(U.shape[0]), int(U.shape[1])
     item = max(jnp.dtype(w.dtype).itemsize, jnp.dtype(U.dtype).itemsize)
-    # Per (sample, cotangent) pair: the generic products, δ at every probe, and the backward pass's working set.
-    per_pair = (plan.S + sum(math.prod(s) for s, _ in plan.probes) + plan.work) * item
+    # Per (sample, cotangent) pair: the generic products, the products of sequence dense uses (at most), δ at
+    # every probe, and the backward pass's working set.
+    sequences = sum(u.entries.size for u in plan.uses if u.kind == "dense" and u.rows > 1)
+    per_pair = (plan.S + sequences + sum(math.prod(s) for s, _ in plan.probes) + plan.work) * item
     k_chunk = int(max(1, min(K, budget // max(per_pair, 1))))
     n_chunk = int(max(1, min(N, budget // max(k_chunk * per_pair, 1))))
     unroll, timed = entry.passes.choose(k_chunk)
@@ -802,9 +821,32 @@ def _slow_vector(plan: _Plan, w: Array) -> list[Array]:
 
 
 def _dense_rows(use: _Use, act: Array, dtype: Any) -> Array:
-    """The activations of a dense use as ``(n, in)``, contracted axes in the parameter's order."""
+    """The activations of a dense use as ``(n, rows, in)``, contracted axes in the parameter's order."""
     n = act.shape[0]
-    return jnp.transpose(act, (0,) + tuple(1 + d for d in use.act_perm)).reshape(n, use.in_size).astype(dtype)
+    perm = (0,) + tuple(1 + d for d in use.act_perm)
+    return jnp.transpose(act, perm).reshape(n, use.rows, use.in_size).astype(dtype)
+
+
+def _dense_deltas(use: _Use, delta: Array, dtype: Any) -> Array:
+    """``δ`` at a dense use's output as ``(k, rows, free)``, from ``(k, *out)``."""
+    k = delta.shape[0]
+    if use.rows_last:  # the parameter is the left operand: its free axes come first in the output
+        return jnp.swapaxes(delta.reshape(k, use.free_size, use.rows), 1, 2).astype(dtype)
+    return delta.reshape(k, use.rows, use.free_size).astype(dtype)
+
+
+def _gram(use: _Use, k: int, keep_k: bool) -> bool:
+    """Whether a dense use's squares are summed through Gram matrices of rows rather than products.
+
+    ``Σ_k (a_nᵀ δ_nk)²[i, f] = Σ_{t,s} a_nti a_nsi Σ_k δ_nktf δ_nksf``: with
+    ``T`` rows, forming the products costs ``k T·in·free`` per sample and
+    the Gram route ``T² (in·free + k free + in)`` (``k`` times the first
+    two when the cotangents are kept apart).  One row (a plain dense layer)
+    is always the Gram route: ``(a²)ᵀ(δ²)``.
+    """
+    T, i, f = use.rows, use.in_size, use.free_size
+    gram = T * T * ((k * (i * f + f)) if keep_k else (i * f + k * f + i))
+    return T == 1 or gram < k * T * i * f
 
 
 def _chunk_function(plan: _Plan, per_cotangent: bool) -> Callable[..., Array]:
@@ -815,37 +857,50 @@ def _chunk_function(plan: _Plan, per_cotangent: bool) -> Callable[..., Array]:
     """
     keep_k = per_cotangent
 
-    def reduce(ct_v: list[Array], deltas: list[Array], dtype: Any) -> tuple[list[Array], list[Array]]:
-        """One sample's squares for a block of cotangents ``(k, ...)``: summed over them unless kept."""
+    def reduce(
+        ct_v: list[Array], deltas: list[Array], acts: dict[int, Array], gram: list[bool], dtype: Any
+    ) -> tuple[list[Array], list[Array]]:
+        """One sample's squares for a block of cotangents ``(k, ...)``: summed over them unless kept.
+
+        A dense use gives ``(k,) rows, rows, free`` (Gram route: ``Σ_k``
+        of ``δ_kt δ_ks``, entrywise in ``free``) or ``(k,) in, free`` (the
+        squared products).
+        """
         total = (lambda t: t) if keep_k else (lambda t: jnp.sum(t, axis=0))
         squares = []
-        for use in plan.uses:
-            if use.kind == "dense":
-                d = deltas[use.slot].astype(dtype).reshape(-1, use.free_size)
-            else:
+        for i, use in enumerate(plan.uses):
+            if use.kind != "dense":
                 d = _bias_product(use, deltas[use.slot], dtype)
-            squares.append(total(d * d))
+                squares.append(total(d * d))
+                continue
+            d = _dense_deltas(use, deltas[use.slot], dtype)  # (k, T, free)
+            if gram[i]:
+                squares.append(total(jnp.einsum("ktf,ksf->ktsf", d, d)))
+            else:
+                q = jnp.einsum("ti,ktf->kif", _dense_rows(use, acts[i][None], dtype)[0], d)
+                squares.append(total(q * q))
         return [total(jnp.square(c.astype(dtype))) for c in ct_v], squares
 
     def chunk(w: Array, leaves: list[Array], U: Array, unroll: bool) -> Array:
         dtype = w.dtype  # float32 for half-precision models (see _widened): squares are summed in it
         v = _slow_vector(plan, w)
+        gram = [u.kind == "dense" and _gram(u, U.shape[0], keep_k) for u in plan.uses]
 
         def one(x_n: list[Array], U_n: Array) -> tuple[Any, dict[int, Array]]:
             z, pullback, acts = _pullback(plan, w, v, x_n)
             if not unroll:
                 ct_v, deltas = jax.vmap(lambda u: pullback(u[None].astype(z.dtype)))(U_n)
-                return reduce(ct_v, deltas, dtype), acts
+                return reduce(ct_v, deltas, acts, gram, dtype), acts
             # One backward pass per cotangent, sharing the forward pass: summed (or stacked) as they come.
             parts = []
             for k in range(U_n.shape[0]):
                 ct_v, deltas = pullback(U_n[k][None].astype(z.dtype))
-                parts.append(reduce([c[None] for c in ct_v], [d[None] for d in deltas], dtype))
+                parts.append(reduce([c[None] for c in ct_v], [d[None] for d in deltas], acts, gram, dtype))
             combine = (lambda *t: jnp.concatenate(t, axis=0)) if keep_k else (lambda *t: sum(t[1:], t[0]))
             return jax.tree.map(combine, *parts), acts
 
         # Per sample: squares of the generic products (per segment of v, (k,) size) and of each use's
-        # products ((k,) free or (k,) reduced), and the activations of the dense uses.
+        # products (see reduce), and the activations of the dense uses.
         (generic, squares), acts = jax.vmap(one, in_axes=(0, 1))(leaves, U)
         lead = (U.shape[0],) if per_cotangent else ()
         pieces: list[tuple[np.ndarray, Array]] = []
@@ -854,11 +909,15 @@ def _chunk_function(plan: _Plan, per_cotangent: bool) -> Callable[..., Array]:
             for a, b, o in plan.slow:
                 pieces.append((np.arange(a, b), sq[..., o : o + b - a]))
         for i, use in enumerate(plan.uses):
-            if use.kind == "dense":
+            if use.kind == "dense" and gram[i]:
                 a = _dense_rows(use, acts[i], dtype)
-                # Σ_n (a_n ⊗ δ_n)² = (a²)ᵀ(δ²): one matrix product.
-                q = jnp.einsum("ni,nkf->kif", a * a, squares[i]) if per_cotangent else (a * a).T @ squares[i]
-                pieces.append((use.view, _to_param_layout(use, q, len(lead))))
+                # Σ_n Σ_{t,s} (a_nt a_ns) ⊗ (δ_nt δ_ns): one matrix product over (n, t, s); for one row
+                # it is (a²)ᵀ(δ²).
+                aa = jnp.einsum("nti,nsi->ntsi", a, a)
+                spec = "ntsi,nktsf->kif" if per_cotangent else "ntsi,ntsf->if"
+                pieces.append((use.view, _to_param_layout(use, jnp.einsum(spec, aa, squares[i]), len(lead))))
+            elif use.kind == "dense":
+                pieces.append((use.view, _to_param_layout(use, jnp.sum(squares[i], axis=0), len(lead))))
             else:
                 pieces.append((use.entries, jnp.sum(squares[i], axis=0)))
         return _place(pieces, plan.P, lead, dtype)
@@ -893,7 +952,8 @@ def _guard_function(plan: _Plan, f: Callable[[Array, Any], Array], treedef: Any)
         for i, use in enumerate(plan.uses):
             d = deltas[use.slot]
             if use.kind == "dense":
-                moment = _to_param_layout(use, _dense_rows(use, acts[i], dtype).T @ d.reshape(-1, use.free_size), 0)
+                a = _dense_rows(use, acts[i], dtype).reshape(-1, use.in_size)
+                moment = _to_param_layout(use, a.T @ _dense_deltas(use, d, dtype).reshape(-1, use.free_size), 0)
                 ref = _take(grad, use.view)
             else:
                 moment = use.sign * jnp.sum(_bias_product(use, d, dtype), axis=0)

@@ -1,9 +1,9 @@
 """Exact GGN diagonals of JAX models against per-sample Jacobians and the loss's Hessian, in float64.
 
 The JAX backend reads the model's jaxpr: parameters read once by a matrix
-product or an added bias take a structured route, everything else (a
-convolution kernel, a kernel applied to a sequence, a tied weight) the
-generic per-sample route restricted to those entries.  The oracle knows
+product (of one row per sample or of a sequence of rows) or an added bias
+take a structured route, everything else (a convolution kernel, a tied
+weight) the generic per-sample route restricted to those entries.  The oracle knows
 neither: ``diag(G) = Σ_n diag(J_nᵀ H_n J_n)`` with ``J_n`` from
 ``jax.jacrev`` of the model on sample ``n`` alone and ``H_n`` the block of
 ``jax.hessian`` of the loss in the outputs, all in float64.  It uses no
@@ -131,6 +131,37 @@ def mixed() -> tuple[Apply, dict]:
     return apply, shapes
 
 
+def sequence() -> tuple[Apply, dict]:
+    """Dense kernels on sequences: kernel right and left of the ``dot_general``, with and without bias.
+
+    Inputs ``(N, 12)`` as 4 tokens of 3 features.  ``W1`` (``tokens @ W1 +
+    b1``); ``W2`` the left operand of a ``dot_general`` whose output puts the
+    tokens last; ``W3`` contracting two axes of the activation, out of
+    order (its axis 0 with the activation's last); ``tied`` read by two
+    sequence products (the generic route); a mean over the rows and a head.
+    """
+    shapes = {
+        "W1": (3, 4),
+        "b1": (4,),
+        "W2": (5, 4),
+        "W3": (2, 5, 3),
+        "tied": (3, 3),
+        "head": (3, 2),
+        "head_b": (2,),
+    }
+
+    def apply(p: dict, x: jax.Array) -> jax.Array:
+        n = x.shape[0]
+        h = jnp.tanh(x.reshape(n, 4, 3) @ p["W1"] + p["b1"])  # (n, 4, 4)
+        h = lax.dot_general(p["W2"], h, (((1,), (2,)), ((), ())))  # (5, n, 4), no bias
+        h = jnp.tanh(h).reshape(5, n, 2, 2).transpose(1, 0, 2, 3)  # (n, 5, 2, 2)
+        h = jnp.tanh(lax.dot_general(h, p["W3"], (((3, 1), (0, 1)), ((), ()))))  # (n, 2, 3)
+        h = jnp.tanh(jnp.tanh(h @ p["tied"]) @ p["tied"])
+        return h.mean(axis=1) @ p["head"] + p["head_b"]
+
+    return apply, shapes
+
+
 def layouts() -> tuple[Apply, dict]:
     """Kernels stored ``(out, in)`` (``x @ W.T``, and ``W @ x_n`` under vmap), subtracted biases, a nested jit."""
     shapes = {"A": (5, 4), "a": (5,), "B": (4, 5), "b": (4,), "C": (3, 4), "c": (3,)}
@@ -158,6 +189,7 @@ MODELS: dict[str, Callable[[], tuple[Apply, dict, int]]] = {
     "relu_mlp_bias_deep": lambda: (*mlp(jax.nn.relu, True, (5, 6, 6, 6, 4)), 5),
     "mixed": lambda: (*mixed(), 8),
     "layouts": lambda: (*layouts(), 4),
+    "sequence": lambda: (*sequence(), 12),
 }
 
 
@@ -198,12 +230,26 @@ def test_recognized_entries_take_the_structured_route() -> None:
     mask = jax_per_sample.structured_entries(binding.apply, binding.w, x)
     _, unravel = ravel_pytree(params)
     routes = {k: np.asarray(v) for k, v in unravel(jnp.asarray(mask, jnp.float64)).items()}
-    # Read once by a matrix product of one row per sample, or by an added bias (also over positions).
-    for name in ("conv_b", "seq_b", "head_w", "head_b"):
+    # Read once by a matrix product (of one row or of 4 tokens per sample), or by an added bias (also over
+    # positions).
+    for name in ("conv_b", "seq_w", "seq_b", "head_w", "head_b"):
         assert routes[name].all(), name
-    # A convolution, a kernel applied to 4 tokens per sample, a weight read twice, a leaf nothing reads.
-    for name in ("conv_w", "seq_w", "tied", "unused"):
+    # A convolution, a weight read twice, a leaf nothing reads.
+    for name in ("conv_w", "tied", "unused"):
         assert not routes[name].any(), name
+
+
+def test_sequence_kernels_take_the_structured_route() -> None:
+    apply, shapes, d = MODELS["sequence"]()
+    params = _init(shapes)
+    x, _ = data(5, d, 2)
+    _, binding = _bind(apply, params)
+    mask = jax_per_sample.structured_entries(binding.apply, binding.w, x)
+    _, unravel = ravel_pytree(params)
+    routes = {k: np.asarray(v) for k, v in unravel(jnp.asarray(mask, jnp.float64)).items()}
+    for name in ("W1", "b1", "W2", "W3", "head", "head_b"):
+        assert routes[name].all(), name
+    assert not routes["tied"].any()  # read by two products
 
 
 @pytest.mark.parametrize("name", ["tanh_mlp_bias", "relu_mlp_no_bias", "layouts"])
@@ -251,6 +297,42 @@ def test_squares_per_cotangent_and_chunked(
     assert_close(out, expected if per_cotangent else expected.sum(0), rtol=1e-10, atol_rel=1e-12)
 
 
+def _softmax_root_columns(z: np.ndarray) -> np.ndarray:
+    """Columns ``(C, N, C)`` of a square root of the mean cross-entropy's ``H_z``, in closed form.
+
+    ``H_n = (diag(p) - p pᵀ) / N`` and column ``c`` is ``√p_c (e_c - p) / √N``:
+    ``Σ_c p_c (e_c - p)(e_c - p)ᵀ = diag(p) - p pᵀ`` since ``Σ_c p_c = 1``.
+    """
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    N, C = p.shape
+    return np.sqrt(p.T)[:, :, None] * (np.eye(C)[:, None, :] - p[None]) / np.sqrt(N)
+
+
+# Sequence products formed, or Σ_k through Gram matrices of rows; per cotangent or summed; backward passes
+# vmapped or unrolled: every pair of the first two, each value of the third.
+@pytest.mark.parametrize(
+    ("gram", "per_cotangent", "unroll"),
+    [(False, False, False), (True, False, True), (False, True, True), (True, True, False)],
+)
+def test_sequence_squares_by_products_and_by_gram(
+    gram: bool, per_cotangent: bool, unroll: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(jax_per_sample._Passes, "choose", lambda self, k_chunk: (unroll, False))
+    monkeypatch.setattr(jax_per_sample, "_gram", lambda use, k, keep_k: use.rows == 1 or gram)
+    apply, shapes, d = MODELS["sequence"]()
+    params = _init(shapes)
+    x, y = data(6, d, 2)
+    U = _softmax_root_columns(np.asarray(apply(params, x)))
+    b, binding = _bind(apply, params)
+    squares = b.per_sample_squares(binding.apply, per_cotangent)
+    out = np.asarray(squares(binding.w, x, lambda z: jnp.asarray(U), 2**30))
+    expected = _oracle_squares(apply, params, x, U)
+    assert_close(out, expected if per_cotangent else expected.sum(0), rtol=1e-10, atol_rel=1e-12)
+    if not per_cotangent and not unroll:  # once: the closed-form root against the loss's Hessian from autodiff
+        assert_close(out, oracle_diagonal(apply, params, x, y, "cross_entropy"), rtol=1e-10, atol_rel=1e-12)
+
+
 def test_new_batch_size_reuses_the_analysis() -> None:
     apply, shapes, d = MODELS["tanh_mlp_bias"]()
     params = _init(shapes)
@@ -272,6 +354,16 @@ def test_guard_sends_wrong_products_to_the_generic_route(monkeypatch: pytest.Mon
     apply, shapes, d = MODELS["tanh_mlp_bias"]()
     params = _init(shapes)
     x, y = data(6, d, 3)
+    expected = oracle_diagonal(apply, params, x, y, "cross_entropy")
+    assert_close(exact_diagonal(apply, params, x, y, "cross_entropy"), expected, rtol=1e-10, atol_rel=1e-12)
+
+
+def test_guard_sends_wrong_sequence_products_to_the_generic_route(monkeypatch: pytest.MonkeyPatch) -> None:
+    original = jax_per_sample._dense_deltas
+    monkeypatch.setattr(jax_per_sample, "_dense_deltas", lambda use, delta, dtype: 2.0 * original(use, delta, dtype))
+    apply, shapes, d = MODELS["sequence"]()
+    params = _init(shapes)
+    x, y = data(6, d, 2)
     expected = oracle_diagonal(apply, params, x, y, "cross_entropy")
     assert_close(exact_diagonal(apply, params, x, y, "cross_entropy"), expected, rtol=1e-10, atol_rel=1e-12)
 
