@@ -19,6 +19,7 @@ compiled once per operator by :meth:`JaxBackend.compile`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -30,6 +31,7 @@ import numpy as np
 
 from .._backend import Array, Backend, ParameterBinding
 from .._trees import TreeLayout, TreeTools, framework_of, named_leaves, split_flat, vector_trees
+from .jax_programs import shared_runner
 
 
 def _is_jax_array(x: Any) -> bool:
@@ -196,9 +198,14 @@ class JaxBackend(Backend):
         w = jnp.concatenate([jnp.ravel(p) for p in chosen])
         shapes = [tuple(int(d) for d in p.shape) for p in chosen]
 
+        # The selected leaves are replaced at every call: without them the layout (which compiled
+        # programs keep, possibly beyond this binding) holds no parameter values.
+        chosen_at = {layout.position[n] for n in selected}
+        frame = dataclasses.replace(layout, leaves=[None if i in chosen_at else a for i, a in enumerate(layout.leaves)])
+
         def apply(flat: Array, x: Any) -> Array:
             # Static slices: free views under jit.
-            return call(layout.filled(split_flat(jnp, flat, selected, shapes)), x)
+            return call(frame.filled(split_flat(jnp, flat, selected, shapes)), x)
 
         return ParameterBinding(w, list(selected), shapes, apply, *vector_trees(self, layout, selected, chosen))
 
@@ -222,6 +229,10 @@ class JaxBackend(Backend):
         Arrays are traced; anything else in the arguments (strings, flags,
         Python numbers inside a batch) becomes part of the cache key, so such
         batches compile once per distinct value instead of failing to trace.
+        Each argument signature is traced once and run by the compiled
+        program of an earlier operator when that traced to the same program
+        (see :mod:`.jax_programs`): a new operator on the same model at new
+        parameter values compiles nothing.
         """
 
         @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -231,12 +242,18 @@ class JaxBackend(Backend):
                 leaves.insert(i, item.value)
             return f(*jax.tree_util.tree_unflatten(treedef, leaves))
 
+        runners: dict[Hashable, Any] = {}
+
         @functools.wraps(f)
         def call(*args: Any) -> Any:
             leaves, treedef = jax.tree_util.tree_flatten(args)
             static = tuple((i, _Static(leaf)) for i, leaf in enumerate(leaves) if not _is_traceable(leaf))
             arrays = _on_common_devices([leaf for leaf in leaves if _is_traceable(leaf)], self._replicas)
-            return run(treedef, static, arrays)
+            signature = (treedef, static, tuple((a.shape, a.dtype, getattr(a, "weak_type", False)) for a in arrays))
+            runner = runners.get(signature)
+            if runner is None:
+                runner = runners[signature] = shared_runner(run, (treedef, static, arrays))
+            return runner(treedef, static, arrays)
 
         return call
 

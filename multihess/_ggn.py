@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
-from ._backend import Array, Linearization
+from ._backend import Array, Backend, Linearization
+from ._losses import Loss
 from ._operator import CurvatureOperator
 from ._problem import Problem
+
+
+def ggn_product(
+    backend: Backend, loss: Loss, apply: Callable[[Array, Any], Array], w: Array, batch: Any, v: Array
+) -> Array:
+    """``J^T H_z J v`` for one vector and one batch, written with the primitives (compiled by the backend)."""
+    x, y = batch
+    f: Callable[[Array], Array] = lambda p: apply(p, x)  # noqa: E731
+    z, jv = backend.jvp(f, w, v)
+    hz_jv = loss.hz_matvec(backend, z, y, backend.xp.stack([jv]))[0]
+    return backend.vjp(f, w, hz_jv)[1]
 
 
 class GGNOperator(CurvatureOperator):
@@ -28,16 +41,9 @@ class GGNOperator(CurvatureOperator):
             self._linearizations: dict[int, Linearization] = {}
             self._product = self._eager_product
         else:
-            self._product = problem.backend.rowwise(self._one_product)
-
-    def _one_product(self, w: Array, batch: Any, v: Array) -> Array:
-        """``J^T H_z J v`` for one vector, written with the primitives (compiled by the backend)."""
-        b, loss = self.problem.backend, self.problem.loss
-        x, y = batch
-        f: Callable[[Array], Array] = lambda p: self.problem.binding.apply(p, x)  # noqa: E731
-        z, jv = b.jvp(f, w, v)
-        hz_jv = loss.hz_matvec(b, z, y, b.xp.stack([jv]))[0]
-        return b.vjp(f, w, hz_jv)[1]
+            b, loss, apply = problem.backend, problem.loss, problem.binding.apply
+            # Holds the model and the loss, not the problem: the compiled program may outlive this operator.
+            self._product = b.rowwise(functools.partial(ggn_product, b, loss, apply))
 
     def _eager_product(self, w: Array, batch: Any, V: Array) -> Array:
         b, loss = self.problem.backend, self.problem.loss

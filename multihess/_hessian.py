@@ -18,7 +18,7 @@ class HessianOperator(CurvatureOperator):
     def __init__(self, problem: Problem) -> None:
         super().__init__(problem.backend, problem.binding, problem.binding, problem.check_finite)
         self.problem = problem
-        self._hvp = problem.backend.hvp_function(problem.batch_loss)
+        self._hvp = problem.backend.hvp_function(problem.loss_function())
 
     def _matmat_rows(self, V: Array) -> Array:
         w = self.problem.binding.w

@@ -67,10 +67,16 @@ class Problem:
 
     def batch_loss(self, w: Array, batch: Batch) -> Array:
         """The loss of one batch at the flat parameters ``w`` (unweighted)."""
-        if self.loss is None:
-            return self.backend.xp.reshape(self.binding.apply(w, None), ())
-        x, y = batch
-        return self.loss.value(self.backend, self.binding.apply(w, x), y)
+        return model_loss(self.backend, self.loss, self.binding.apply, w, batch)
+
+    def loss_function(self) -> Callable[[Array, Batch], Array]:
+        """:meth:`batch_loss` as a function that holds the model and the loss but not this problem.
+
+        For the functions operators compile: a compiled program may serve
+        later operators on the same model (JAX), and must not keep this
+        problem's parameters and data alive for them.
+        """
+        return functools.partial(model_loss, self.backend, self.loss, self.binding.apply)
 
     def batches(self) -> Iterator[tuple[int, Batch]]:
         """One pass over the data: ``(number of samples, batch)`` with each batch on the parameters' device.
@@ -149,6 +155,16 @@ class Problem:
         if list(selected) == self.binding.names:
             return self.binding
         return self.backend.bind(self.model, self.weights, list(selected))
+
+
+def model_loss(
+    backend: Backend, loss: Loss | None, apply: Callable[[Array, Any], Array], w: Array, batch: Batch
+) -> Array:
+    """The loss of one batch at the flat parameters ``w``; the model's scalar when there is no loss."""
+    if loss is None:
+        return backend.xp.reshape(apply(w, None), ())
+    x, y = batch
+    return loss.value(backend, apply(w, x), y)
 
 
 def select_names(named: list[tuple[str, Array]], params: Any) -> list[str]:
