@@ -304,7 +304,10 @@ class TensorFlowBackend(Backend):
                 g = gradient_under(outer, w, batch)
             return tf.map_fn(lambda v: outer.gradient(g, w, output_gradients=v, unconnected_gradients=_ZERO), rows)
 
-        return self._by_row_count(self.compile(single), self.compile(batched))
+        def vector(w: tf.Tensor, batch: Any, v: tf.Tensor) -> tf.Tensor:
+            return single(w, batch, v[None])[0]
+
+        return self._by_row_count(self.compile(single), self.compile(batched), self.compile(vector))
 
     def _forward_over_reverse(self, loss: Callable[[Array, Any], Array]) -> Callable[[Array, Any, Array], Array]:
         def hvp_one(w: tf.Tensor, batch: Any, v: tf.Tensor) -> tf.Tensor:
@@ -321,14 +324,20 @@ class TensorFlowBackend(Backend):
         def batched(w: tf.Tensor, batch: Any, rows: tf.Tensor) -> tf.Tensor:
             return tf.map_fn(lambda v: f(w, batch, v), rows)
 
-        return self._by_row_count(self.compile(single), self.compile(batched))
+        return self._by_row_count(self.compile(single), self.compile(batched), self.compile(f))
 
     @staticmethod
-    def _by_row_count(single: Callable[..., Array], batched: Callable[..., Array]) -> Callable[..., Array]:
-        # One row (matvec, Lanczos) skips the loop machinery of map_fn.
+    def _by_row_count(
+        single: Callable[..., Array], batched: Callable[..., Array], vector: Callable[..., Array]
+    ) -> Callable[..., Array]:
+        # One row (Lanczos) skips the loop machinery of map_fn; a vector (matvec) the reshapes around the call too.
+        # Each is traced on its first use.
         def rows_product(w: Array, batch: Any, rows: Array) -> Array:
+            if len(rows.shape) == 1:
+                return vector(w, batch, rows)
             return (single if int(rows.shape[0]) == 1 else batched)(w, batch, rows)
 
+        rows_product.takes_vectors = True  # type: ignore[attr-defined]
         return rows_product
 
     def linearize(self, f: Callable[[Array, Any], Array], w: Array, x: Any) -> Linearization:

@@ -246,8 +246,11 @@ class Backend(abc.ABC):
     def rowwise(self, f: Callable[[Array, Any, Array], Array]) -> Callable[[Array, Any, Array], Array]:
         """Turn ``f(w, batch, v)`` into a compiled ``F(w, batch, V)`` over the rows of ``V`` (shape ``(k, n)``).
 
-        A single row (every matvec, every Lanczos step) runs the unbatched
-        ``f``, compiled on its own: it skips the vectorization machinery.
+        A single row (every Lanczos step) runs the unbatched ``f``, compiled
+        on its own: it skips the vectorization machinery.  A 1-D ``V`` (a
+        matvec) runs ``f`` compiled as it is and answers 1-D: no reshapes
+        around the compiled call.  ``F.takes_vectors`` says that it accepts
+        those.  Each variant is compiled on its first use.
         """
         mapped = self.vmap(f, (None, None, 0))
         if mapped is None:
@@ -257,10 +260,14 @@ class Backend(abc.ABC):
 
         batched = self.compile(mapped)
         single = self.compile(lambda w, batch, rows: self.xp.expand_dims(f(w, batch, rows[0]), axis=0))
+        vector = self.compile(f)
 
         def rows_product(w: Array, batch: Any, rows: Array) -> Array:
+            if len(rows.shape) == 1:
+                return vector(w, batch, rows)
             return (single if int(rows.shape[0]) == 1 else batched)(w, batch, rows)
 
+        rows_product.takes_vectors = True  # type: ignore[attr-defined]
         return rows_product
 
     def hvp_function(self, loss: Callable[[Array, Any], Array]) -> Callable[[Array, Any, Array], Array]:

@@ -66,3 +66,9 @@ class GGNOperator(CurvatureOperator):
     def _matmat_rows(self, V: Array) -> Array:
         w = self.problem.binding.w
         return self.problem.batch_sum(lambda batch: self._product(w, batch, V))
+
+    def _matvec(self, v: Array) -> Array:
+        if not getattr(self._product, "takes_vectors", False):
+            return super()._matvec(v)
+        w = self.problem.binding.w
+        return self.problem.batch_sum(lambda batch: self._product(w, batch, v))

@@ -23,3 +23,9 @@ class HessianOperator(CurvatureOperator):
     def _matmat_rows(self, V: Array) -> Array:
         w = self.problem.binding.w
         return self.problem.batch_sum(lambda batch: self._hvp(w, batch, V))  # v → Σ_batches weight · H_batch v
+
+    def _matvec(self, v: Array) -> Array:
+        if not getattr(self._hvp, "takes_vectors", False):
+            return super()._matvec(v)
+        w = self.problem.binding.w
+        return self.problem.batch_sum(lambda batch: self._hvp(w, batch, v))
