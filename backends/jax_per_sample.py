@@ -18,7 +18,12 @@ product made from ``δ`` alone:
   terms; for ``T = 1`` the matrix product ``(a²)ᵀ(δ²)`` over the samples):
   see :func:`_gram`;
 - ``y = h ± b`` with ``b`` broadcast over some axes of ``h`` (a dense or a
-  convolution bias): ``±δ_n`` summed over the broadcast axes.
+  convolution bias): ``±δ_n`` summed over the broadcast axes;
+- ``y = gather(E, i)`` of whole rows of a table ``E`` (``E[tokens]``,
+  ``jnp.take`` along axis 0, any mode): row ``r``'s product is
+  ``Σ_{t: i_t = r} δ_t``, and its square summed over ``r`` is
+  ``Σ_t δ_t Σ_{s: i_s = i_t} δ_s``: per lookup, then summed into the table
+  once per chunk (one scatter of ``N·T`` rows, not one table per pair).
 
 ``δ = ∂⟨z_n, u⟩/∂y`` comes from the backward pass, for all ``K`` cotangents
 (vmapped over them, or once per cotangent when that is faster: see
@@ -37,7 +42,7 @@ of indices into ``w``), and into the sub-jaxprs of ``jit``/``pjit`` and
 functions may nest those).  Every other equation that receives a view is an
 "other read": ``custom_jvp``/``custom_vjp`` calls, ``checkpoint``, control
 flow and everything else are not entered (entering them would drop their
-custom rules), convolutions, norms (``x * scale``), embeddings (gathers),
+custom rules), convolutions, norms (``x * scale``), other gathers,
 ``dot_general`` with batch dimensions (attention), and views read by two
 ops (tied weights).
 
@@ -152,7 +157,7 @@ class _Use:
     """
 
     key: Key
-    kind: str  # "dense" or "bias"
+    kind: str  # "dense", "bias" or "embed"
     operand: int
     view: np.ndarray
     entries: np.ndarray
@@ -174,6 +179,9 @@ class _Use:
     sign: float = 1.0
     addend: Any = None
     passes: bool = True  # whether the cotangent at the addend is δ itself (not -δ, as in ``b - h``)
+    # embed: whether indices outside the table drop their rows (else they are clamped to it); ``rows`` and
+    # ``free_size`` (above) are the lookups per sample and the entries of one row of the table
+    drop: bool = False
     slot: int = -1  # the probe whose cotangent is δ at this use's output
 
 
@@ -248,8 +256,48 @@ def _bias(eqn: Any, key: Key, views: list[np.ndarray | None]) -> _Use | None:
     )
 
 
+def _embedding(eqn: Any, key: Key, views: list[np.ndarray | None]) -> _Use | None:
+    """``gather`` of whole rows of a parameter view (a table) at integer indices: ``table[tokens]``.
+
+    Row ``r``'s per-sample product is ``Σ_{t: i_t = r} δ_t``, the sum over
+    the lookups of that row.
+    """
+    view = views[0]
+    if view is None or any(v is not None for v in views[1:]) or view.ndim < 1:
+        return None
+    dn = eqn.params["dimension_numbers"]
+    out_shape = tuple(eqn.outvars[0].aval.shape)
+    idx_shape = tuple(eqn.invars[1].aval.shape)
+    trailing = tuple(range(len(out_shape) - (view.ndim - 1), len(out_shape)))
+    if (
+        tuple(dn.collapsed_slice_dims) != (0,)
+        or tuple(dn.start_index_map) != (0,)
+        or tuple(getattr(dn, "operand_batching_dims", ()))
+        or tuple(getattr(dn, "start_indices_batching_dims", ()))
+        or tuple(dn.offset_dims) != trailing
+        or tuple(int(d) for d in eqn.params["slice_sizes"]) != (1,) + view.shape[1:]
+        or idx_shape[-1:] != (1,)
+        or not jnp.issubdtype(eqn.outvars[0].aval.dtype, jnp.floating)
+        or not _distinct(view)
+    ):
+        return None
+    return _Use(
+        key,
+        "embed",
+        0,
+        view,
+        view,
+        eqn.outvars[0],
+        act=1,
+        rows=math.prod(idx_shape[:-1]),
+        free_size=math.prod(view.shape[1:]),
+        drop=eqn.params["mode"] == jax.lax.GatherScatterMode.FILL_OR_DROP,
+    )
+
+
 _RECOGNIZERS: dict[str, Callable[[Any, Key, list[np.ndarray | None]], _Use | None]] = {
     "dot_general": _dense,
+    "gather": _embedding,
     "add": _bias,
     "sub": _bias,
 }
@@ -388,7 +436,7 @@ def _analyse(closed: ClosedJaxpr, P: int, rejected: frozenset[Key]) -> _Plan:
             probe_at[u.key] = len(probes)
             probes.append((tuple(u.out.aval.shape), u.out.aval.dtype))
     for i, u in enumerate(uses):
-        if u.kind == "dense":
+        if u.kind in ("dense", "embed"):
             record.setdefault(u.key, []).append(i)
             target = bias_of.get((u.key[0], u.out))
             if target is not None and counts.get((u.key[0], u.out), 0) == 1:
@@ -835,6 +883,29 @@ def _dense_deltas(use: _Use, delta: Array, dtype: Any) -> Array:
     return delta.reshape(k, use.rows, use.free_size).astype(dtype)
 
 
+def _lookups(use: _Use, indices: Array) -> tuple[Array, Array]:
+    """An embedding's row indices ``(..., rows)`` from the gather's ``(..., *batch, 1)``, and which count.
+
+    Indices outside the table are clamped to it, as the gather does, or
+    dropped (``FILL_OR_DROP``: the lookup reads the fill value, which has no
+    derivative in the table).
+    """
+    vocab = use.view.shape[0]
+    lead = indices.ndim - (len(use.out.aval.shape) - (use.view.ndim - 1)) - 1
+    flat = indices.reshape(indices.shape[:lead] + (use.rows,))
+    valid = (flat >= 0) & (flat < vocab) if use.drop else jnp.ones(flat.shape, bool)
+    return jnp.clip(flat, 0, vocab - 1), valid
+
+
+def _embedding_table(use: _Use, indices: Array, values: Array, lead: tuple[int, ...], dtype: Any) -> Array:
+    """``values`` ``(n, *lead, rows, free)`` summed into the table rows they look up: ``(*lead, vocab, free)``."""
+    rows, _ = _lookups(use, indices)  # (n, rows); dropped lookups carry zero values
+    vocab = use.view.shape[0]
+    flat = jnp.moveaxis(values, 0, len(lead)).reshape(lead + (-1, use.free_size))
+    table = jnp.zeros(lead + (vocab, use.free_size), dtype)
+    return table.at[(slice(None),) * len(lead) + (rows.reshape(-1),)].add(flat)
+
+
 def _gram(use: _Use, k: int, keep_k: bool) -> bool:
     """Whether a dense use's squares are summed through Gram matrices of rows rather than products.
 
@@ -869,9 +940,17 @@ def _chunk_function(plan: _Plan, per_cotangent: bool) -> Callable[..., Array]:
         total = (lambda t: t) if keep_k else (lambda t: jnp.sum(t, axis=0))
         squares = []
         for i, use in enumerate(plan.uses):
-            if use.kind != "dense":
+            if use.kind == "bias":
                 d = _bias_product(use, deltas[use.slot], dtype)
                 squares.append(total(d * d))
+                continue
+            if use.kind == "embed":
+                # Row r's product is Σ_{t: i_t = r} δ_t, and Σ_r (Σ_{t: i_t = r} δ_t)² = Σ_t δ_t Σ_{s: i_s = i_t} δ_s:
+                # per lookup, δ_t times the sum over the lookups of its row, summed into the table afterwards.
+                rows, valid = _lookups(use, acts[i])
+                same = ((rows[:, None] == rows[None, :]) & valid[:, None] & valid[None, :]).astype(dtype)
+                d = deltas[use.slot].reshape(-1, use.rows, use.free_size).astype(dtype)
+                squares.append(total(d * jnp.einsum("ts,ksf->ktf", same, d)))
                 continue
             d = _dense_deltas(use, deltas[use.slot], dtype)  # (k, T, free)
             if gram[i]:
@@ -918,6 +997,8 @@ def _chunk_function(plan: _Plan, per_cotangent: bool) -> Callable[..., Array]:
                 pieces.append((use.view, _to_param_layout(use, jnp.einsum(spec, aa, squares[i]), len(lead))))
             elif use.kind == "dense":
                 pieces.append((use.view, _to_param_layout(use, jnp.sum(squares[i], axis=0), len(lead))))
+            elif use.kind == "embed":
+                pieces.append((use.view, _embedding_table(use, acts[i], squares[i], lead, dtype)))
             else:
                 pieces.append((use.entries, jnp.sum(squares[i], axis=0)))
         return _place(pieces, plan.P, lead, dtype)
@@ -954,6 +1035,11 @@ def _guard_function(plan: _Plan, f: Callable[[Array, Any], Array], treedef: Any)
             if use.kind == "dense":
                 a = _dense_rows(use, acts[i], dtype).reshape(-1, use.in_size)
                 moment = _to_param_layout(use, a.T @ _dense_deltas(use, d, dtype).reshape(-1, use.free_size), 0)
+                ref = _take(grad, use.view)
+            elif use.kind == "embed":
+                _, valid = _lookups(use, acts[i])
+                values = d.reshape(-1, use.rows, use.free_size).astype(dtype) * valid[..., None].astype(dtype)
+                moment = _embedding_table(use, acts[i], values, (), dtype).reshape(use.view.shape)
                 ref = _take(grad, use.view)
             else:
                 moment = use.sign * jnp.sum(_bias_product(use, d, dtype), axis=0)

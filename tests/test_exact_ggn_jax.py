@@ -162,6 +162,25 @@ def sequence() -> tuple[Apply, dict]:
     return apply, shapes
 
 
+def embedding() -> tuple[Apply, dict]:
+    """Embedding tables looked up at tokens made from the inputs ``(N, 5)`` (five tokens per sample).
+
+    ``E`` at tokens in range (some repeated within a sample), ``F`` with
+    ``mode="fill"`` at tokens partly past its end (those lookups read 0 and
+    are dropped), ``C`` with ``mode="clip"`` (clamped), a bias over the
+    tokens, and ``tied`` both looked up and used as the output projection.
+    """
+    shapes = {"E": (4, 3), "F": (5, 3), "C": (3, 3), "b": (3,), "tied": (4, 3)}
+
+    def apply(p: dict, x: jax.Array) -> jax.Array:
+        tokens = (jnp.abs(x) * 3).astype(jnp.int32)  # 0, 1, 2, ...: past 3 for |x| ≥ 4/3
+        h = p["E"][tokens % 4] + jnp.take(p["F"], tokens, axis=0, mode="fill", fill_value=0.0)
+        h = jnp.tanh(h + p["C"].at[tokens].get(mode="clip") + p["tied"][tokens % 4] + p["b"])
+        return h.mean(axis=1) @ p["tied"].T
+
+    return apply, shapes
+
+
 def layouts() -> tuple[Apply, dict]:
     """Kernels stored ``(out, in)`` (``x @ W.T``, and ``W @ x_n`` under vmap), subtracted biases, a nested jit."""
     shapes = {"A": (5, 4), "a": (5,), "B": (4, 5), "b": (4,), "C": (3, 4), "c": (3,)}
@@ -250,6 +269,32 @@ def test_sequence_kernels_take_the_structured_route() -> None:
     for name in ("W1", "b1", "W2", "W3", "head", "head_b"):
         assert routes[name].all(), name
     assert not routes["tied"].any()  # read by two products
+
+
+def test_embedding_tables_take_the_structured_route(monkeypatch: pytest.MonkeyPatch) -> None:
+    apply, shapes = embedding()
+    params = _init(shapes)
+    x, _ = data(6, 5, 4)
+    tokens = np.asarray(jnp.abs(x) * 3).astype(int)
+    assert (tokens >= 5).any() and (tokens >= 3).any()  # lookups dropped by F and clamped by C
+    assert any(len(set(row % 4)) < len(row) for row in tokens)  # a row of E looked up twice by one sample
+    _, binding = _bind(apply, params)
+    mask = jax_per_sample.structured_entries(binding.apply, binding.w, x)
+    _, unravel = ravel_pytree(params)
+    routes = {k: np.asarray(v) for k, v in unravel(jnp.asarray(mask, jnp.float64)).items()}
+    for name in ("E", "F", "C", "b"):
+        assert routes[name].all(), name
+    assert not routes["tied"].any()  # looked up and multiplied
+    # Per cotangent, in chunks of one sample and cotangent, against the closed-form root; and no use is
+    # rejected by the guard (a rejection would analyse the jaxpr again).
+    analysed = []
+    analyse = jax_per_sample._analyse
+    monkeypatch.setattr(jax_per_sample, "_analyse", lambda *a: analysed.append(a[2]) or analyse(*a))
+    U = _softmax_root_columns(np.asarray(apply(params, x)))
+    b, binding = _bind(apply, params)
+    out = np.asarray(b.per_sample_squares(binding.apply, True)(binding.w, x, lambda z: jnp.asarray(U), 1))
+    assert_close(out, _oracle_squares(apply, params, x, U), rtol=1e-10, atol_rel=1e-12)
+    assert analysed == [frozenset()]
 
 
 @pytest.mark.parametrize("name", ["tanh_mlp_bias", "relu_mlp_no_bias", "layouts"])
