@@ -39,7 +39,10 @@ variant compiled with ``tf.function``):
   batched matmuls (Keras ``EinsumDense``, ``MultiHeadAttention``) while
   oneDNN's CPU kernels are on: there the vectorized per-sample gradients
   corrupted the heap and aborted the process (TensorFlow 2.21, Keras 3), so
-  those pairs go through ``tf.map_fn``, slower and sound.
+  those pairs go through ``tf.map_fn``, slower and sound.  Under oneDNN,
+  models with convolutions or fused batch norms evaluate each sample as a
+  batch of two copies of it (half the cotangent each): gradients on a batch
+  of one crashed the process (a ResNet in inference mode), vectorized or not.
 * ``tf.function`` keeps exact shapes (no ``reduce_retracing``): the core's
   losses read static shapes, and repeated products on one batch with the
   same number of vectors reuse one trace.
@@ -127,12 +130,18 @@ def _onednn_kernels_on() -> bool:
 _UNSAFE_TO_VECTORIZE = frozenset({"Einsum", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3"})
 """Op types whose vectorized gradients corrupted the heap under oneDNN (``tf.einsum`` lowers to batched matmuls)."""
 
+_UNSAFE_ON_ONE_SAMPLE = frozenset(
+    {"Conv2D", "Conv3D", "DepthwiseConv2dNative", "FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3"}
+)
+"""Op types whose gradients on a batch of one sample crashed the process under oneDNN (a ResNet: invalid
+pointer or segmentation fault), vectorized or not; on a batch of two copies of the sample they run."""
 
-def _uses_batched_matmul(f: Callable[[Array, Any], Array], w: tf.Tensor, x_one: Any) -> bool:
-    """Whether the graph of ``f(w, x_one)`` holds an einsum or batched matmul op (traced once more, on one sample)."""
+
+def _op_types(f: Callable[[Array, Any], Array], w: tf.Tensor, x_one: Any) -> set[str]:
+    """The op types in the graph of ``f(w, x_one)`` (traced once more, on one sample)."""
     specs = tf.nest.map_structure(tf.TensorSpec.from_tensor, (w, x_one))
     graph = tf.function(lambda *args: f(*args)).get_concrete_function(*specs).graph
-    return any(op.type in _UNSAFE_TO_VECTORIZE for op in graph.get_operations())
+    return {op.type for op in graph.get_operations()}
 
 
 def _tile_samples(a: tf.Tensor, times: int) -> tf.Tensor:
@@ -403,13 +412,19 @@ class TensorFlowBackend(Backend):
         tiled = tuple(_tile_samples(a, K) for a in x) if isinstance(x, tuple) else _tile_samples(x, K)
         pairs = tf.reshape(U, (K * N,) + tuple(U.shape[2:]))  # cotangent k of sample n at row k·N + n
 
+        first = tuple(a[:1] for a in x) if isinstance(x, tuple) else x[:1]
+        ops = _op_types(f, w, first) if _onednn_kernels_on() else set()
+        copies = 2 if ops & _UNSAFE_ON_ONE_SAMPLE else 1
+
         def one_pair(args: tuple[Any, tf.Tensor]) -> tf.Tensor:
             x_n, u_n = args
-            x_one = tuple(a[None] for a in x_n) if isinstance(x_n, tuple) else x_n[None]
-            return self.vjp(lambda p: f(p, x_one), w, u_n[None])[1]
+            # With two copies of the sample and half the cotangent each, the products are the same
+            # (the samples of f are independent), and oneDNN's kernels never see a batch of one.
+            x_one = tf.nest.map_structure(lambda a: tf.stack([a] * copies), x_n)
+            u_one = tf.stack([u_n] * copies) * (1.0 / copies) if copies > 1 else u_n[None]
+            return self.vjp(lambda p: f(p, x_one), w, u_one)[1]
 
-        first = tuple(a[:1] for a in x) if isinstance(x, tuple) else x[:1]
-        if _onednn_kernels_on() and _uses_batched_matmul(f, w, first):
+        if ops & _UNSAFE_TO_VECTORIZE:
             out = tf.map_fn(one_pair, (tiled, pairs), fn_output_signature=w.dtype)  # see the module docstring
         else:
             out = tf.vectorized_map(one_pair, (tiled, pairs))

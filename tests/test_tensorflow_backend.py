@@ -588,6 +588,61 @@ def test_exact_ggn_diagonal_of_attention_under_onednn() -> None:
     assert "relative error" in result.stdout
 
 
+RESNET_GGN_DIAGONAL = r"""
+import numpy as np, tensorflow as tf, keras, multihess as mh
+
+keras.utils.set_random_seed(0)
+L = keras.layers
+inp = keras.Input((16, 16, 3))
+x = L.ReLU()(L.BatchNormalization()(L.Conv2D(8, 3, padding="same", use_bias=False)(inp)))
+h = L.ReLU()(L.BatchNormalization()(L.Conv2D(16, 3, 2, padding="same", use_bias=False)(x)))
+h = L.BatchNormalization()(L.Conv2D(16, 3, padding="same", use_bias=False)(h))
+skip = L.BatchNormalization()(L.Conv2D(16, 1, 2, use_bias=False)(x))  # strided 1x1 projection
+h = L.ReLU()(L.Add()([h, skip]))
+model = keras.Model(inp, L.Dense(5)(L.GlobalAveragePooling2D()(h)))
+rng = np.random.default_rng(0)
+for layer in model.layers:  # running statistics far from 0 and 1
+    if isinstance(layer, L.BatchNormalization):
+        c = layer.moving_mean.shape[0]
+        layer.moving_mean.assign(rng.normal(size=c).astype("float32"))
+        layer.moving_variance.assign(rng.uniform(0.5, 2.0, size=c).astype("float32"))
+N = 24
+x = tf.constant(rng.normal(size=(N, 16, 16, 3)).astype("float32"))
+y = tf.constant(rng.integers(0, 5, N))
+got = mh.diagonal(mh.ggn(model, data=(x, y), loss="cross_entropy"), method="exact").value
+got = np.concatenate([np.ravel(g.numpy()) for g in got])
+
+# Oracle: diag(Σ_n J_nᵀ H_z,n J_n) from the Jacobian of the whole batch's outputs (in inference mode
+# sample n's outputs depend on sample n alone), in float64 from the float32 Jacobian.
+with tf.GradientTape(persistent=True) as tape:
+    z = model(x, training=False)
+blocks = tape.jacobian(z, model.trainable_variables, experimental_use_pfor=False)
+J = np.concatenate([np.reshape(j.numpy(), (N, 5, -1)) for j in blocks], axis=2).astype(np.float64)
+p = tf.nn.softmax(tf.cast(z, tf.float64)).numpy()
+expected = 0.0
+for n in range(N):
+    Hz = (np.diag(p[n]) - np.outer(p[n], p[n])) / N
+    expected = expected + np.einsum("cp,cd,dp->p", J[n], Hz, J[n])
+err = np.max(np.abs(got - expected)) / np.max(np.abs(expected))
+assert err < 1e-4, err
+print("relative error", err)
+"""
+
+
+def test_exact_ggn_diagonal_of_a_resnet_under_onednn() -> None:
+    """Gradients of convolutions and batch norms on a batch of one sample crashed the process under oneDNN."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env.pop("TF_ENABLE_ONEDNN_OPTS", None)  # oneDNN's default: on
+    result = subprocess.run(
+        [sys.executable, "-c", RESNET_GGN_DIAGONAL], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "relative error" in result.stdout
+
+
 def test_variance_by_moments_has_its_exact_hessian() -> None:
     """tf.nn.moments stops the gradient through the mean; the products differentiate through it."""
     x = np.array([1.0, 2.0, 4.0, -0.5])
