@@ -35,7 +35,7 @@ sample (``jax.make_jaxpr``), and the re-evaluation is vmapped over the
 samples, exactly as the generic route defines ``J_n`` (``f(w, x[n:n+1])``):
 so every value in the trace belongs to one sample and no layout has to be
 guessed.  Variables that are pure views of the flat vector ``w`` are tracked
-through ``slice``, ``reshape``, ``squeeze``, ``transpose``, ``copy``,
+through ``slice``, ``split``, ``reshape``, ``squeeze``, ``transpose``, ``copy``,
 float-to-float ``convert_element_type`` and ``broadcast_in_dim`` (as arrays
 of indices into ``w``), and into the sub-jaxprs of ``jit``/``pjit`` and
 ``closed_call`` equations that receive a view (flax, equinox and ``jnp``
@@ -131,6 +131,12 @@ def _view_of(eqn: Any, operand: np.ndarray) -> np.ndarray | None:
             expanded[int(d)] = operand.shape[i]
         return np.broadcast_to(operand.reshape(expanded), shape)
     return None
+
+
+def _split_views(eqn: Any, operand: np.ndarray) -> list[np.ndarray]:
+    """The indices into ``w`` of each output of ``split`` (consecutive pieces along one axis)."""
+    bounds = np.cumsum([int(size) for size in eqn.params["sizes"]])[:-1]
+    return np.split(operand, bounds, axis=int(eqn.params["axis"]))
 
 
 def _distinct(idx: np.ndarray) -> bool:
@@ -354,6 +360,10 @@ def _analyse(closed: ClosedJaxpr, P: int, rejected: frozenset[Key]) -> _Plan:
                     work += sum(_float_size(o.aval) for o in eqn.outvars)
                 continue
             if sum(o is not None for o in operands) == 1 and operands[0] is not None:
+                if eqn.primitive.name == "split":  # the parameters' parts of the flat vector (jax.lax.split)
+                    for outvar, part in zip(eqn.outvars, _split_views(eqn, operands[0])):
+                        views[outvar] = part
+                    continue
                 out = _view_of(eqn, operands[0])
                 if out is not None:
                     views[eqn.outvars[0]] = out

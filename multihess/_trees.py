@@ -232,11 +232,11 @@ def split_flat(
 ) -> dict[str, Array]:
     """The parameters' parts of a flat vector, by name.
 
-    By default static slices, free views under compilation (JAX).  Where
-    each slice's backward pass writes a zero vector as long as ``flat``
-    (eager PyTorch, TensorFlow), pass the framework's ``split``
-    (``split(flat, sizes)``): one backward concatenation instead of one
-    full-length vector per parameter.
+    By default static slices.  Each slice's backward pass writes a zero
+    vector as long as ``flat`` (in eager PyTorch and TensorFlow, and in
+    JAX unless the compiler folds them), so backends pass the framework's
+    ``split`` (``split(flat, sizes)``): one backward concatenation instead
+    of one full-length vector per parameter.
     """
     sizes = [math.prod(int(d) for d in dims) for dims in shapes]
     if split is not None:
