@@ -17,7 +17,8 @@ initialization drawn with NumPy, :mod:`_seed_models_extra`).
 Per initialization and network the work is one gradient and, for the rows
 ``all`` and each kernel, one Hessian and one GGN product (all rows in one
 block): each framework's model is built once and re-weighted, and JAX reuses
-its compiled products through a compilation cache.
+its compiled products (multihess compiles a program once and shares it between
+operators that trace to it).
 
 Data: scikit-learn's handwritten digits, each 8×8 image enlarged to 32×32 and
 repeated over 3 channels so that the LeNet variant has the seed's CIFAR-10
@@ -35,12 +36,9 @@ Run::
 from __future__ import annotations
 
 import argparse
-import atexit
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -125,26 +123,6 @@ def experiment(name: str, keras_layer_norm: bool = False) -> Experiment:
     )
 
 
-def cache_jax_compilations() -> None:
-    """Let JAX reuse its compiled products across initializations.
-
-    Every call of ``mh.chain_rule_error`` traces new product functions, which
-    JAX would compile again although only the weights' values changed.  With a
-    compilation cache (a temporary folder, removed at exit) the same program is
-    loaded instead: for the LeNet variant 0.75 s per initialization instead of
-    3.4 s (two busy CPU cores).  A cache the user configured is left as it is.
-    """
-    import jax
-
-    if jax.config.jax_compilation_cache_dir:
-        return
-    folder = tempfile.mkdtemp(prefix="fig3_jax_cache_")
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    jax.config.update("jax_compilation_cache_dir", folder)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-
-
 class Runner:
     """Per-layer chain-rule errors of one experiment in one framework: the model is built once, re-weighted per init."""
 
@@ -159,7 +137,6 @@ class Runner:
         elif framework == "jax":
             import jax.numpy as jnp
 
-            cache_jax_compilations()
             self.data = (jnp.asarray(x), jnp.asarray(y))
             self.model = exp.jax()
             self.groups = {layer: f"{layer}.kernel" for layer in exp.layers}
