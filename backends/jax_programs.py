@@ -20,6 +20,7 @@ differ in any op, shape, dtype, static argument or constant.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from typing import Any
@@ -35,6 +36,7 @@ SMALL_CONSTANT = 1 << 20
 """Host constants up to this many bytes are compared by value (traces make them afresh), larger by identity."""
 
 _recent: OrderedDict[Hashable, tuple[Any, list[Any]]] = OrderedDict()
+_lock = threading.Lock()  # operators may be built from several threads
 
 
 def _constant_key(value: Any) -> Hashable:
@@ -85,16 +87,18 @@ def shared_runner(run: Any, args: Sequence[Any]) -> Any:
         tuple(_constant_key(c) for c in constants),
         jax.tree_util.tree_structure(traced.out_info),
     )
-    found = _recent.get(key)
-    if found is not None:
-        _recent.move_to_end(key)
-        return found[0]
-    _recent[key] = (run, constants)
-    while len(_recent) > RECENT:
-        _recent.popitem(last=False)
+    with _lock:
+        found = _recent.get(key)
+        if found is not None:
+            _recent.move_to_end(key)
+            return found[0]
+        _recent[key] = (run, constants)
+        while len(_recent) > RECENT:
+            _recent.popitem(last=False)
     return run
 
 
 def forget() -> None:
     """Drop every remembered program (their runners and constants)."""
-    _recent.clear()
+    with _lock:
+        _recent.clear()
