@@ -1,11 +1,12 @@
 """Random probe vectors from one NumPy seed, and batched products with them.
 
-Probes are drawn on the host in float64 from ``numpy.random.default_rng(seed)``,
-so one seed gives the same probes, hence the same estimates, in every
-framework.  They are generated chunk by chunk from draws that do not depend
-on the chunking (``Generator.random`` and ``Generator.standard_normal`` give
-the same stream whether asked for at once or in pieces), so the memory budget
-changes how the work is batched, never the numbers.
+Probes are drawn on the host from ``numpy.random.default_rng(seed)`` (Rademacher
+signs from raw bits, Gaussian entries in float64), so one seed gives the same
+probes, hence the same estimates, in every framework.  They are generated
+chunk by chunk from draws that do not depend on the chunking (the raw bit
+stream and ``Generator.standard_normal`` give the same numbers whether asked
+for at once or in pieces), so the memory budget changes how the work is
+batched, never the numbers.
 
 Probe entries are laid out by parameter *name*: a probe is drawn for the
 parameters sorted by name (each raveled row-major) and then permuted into
@@ -14,8 +15,9 @@ the operator's own order.  Frameworks order the same parameters differently
 mean the same probe for the same parameters everywhere.
 
 Products run through the operator's internal batched entry point
-``_matmat_rows``: each chunk of probes goes to the device once and its
-products come back once.
+``_matmat_rows``: each chunk of probes goes to the device once (Rademacher
+signs as one byte per entry, widened there) and its products, or only their
+reductions, come back once.
 """
 
 from __future__ import annotations
