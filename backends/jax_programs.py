@@ -15,7 +15,9 @@ constants (small host constants by value, arrays by identity) and the
 structure of its outputs.  An equal program found among the recent ones
 lends its ``jax.jit`` runner, whose executable is already compiled; otherwise
 the new runner is recorded.  Nothing is shared between programs that
-differ in any op, shape, dtype, static argument or constant.
+differ in any op, shape, dtype, static argument or constant.  What changes
+only the lowering (``jax.default_matmul_precision``, the device) needs no
+key here: the runner is a ``jax.jit`` function, which compiles anew for it.
 """
 
 from __future__ import annotations

@@ -159,3 +159,15 @@ def test_forgotten_programs_compile_again():
         out, v = products(H2, H2.shape[1])
     assert compiles, "nothing was remembered, so the new operator compiles its own program"
     np.testing.assert_allclose(out, hessian_oracle(mlp, init(6), x, y) @ v, rtol=1e-10, atol=1e-12)
+
+
+def test_a_changed_matmul_precision_compiles_its_own_program():
+    """Precision is applied when a program is lowered: the shared runner (a ``jax.jit``) keys its executables on it."""
+    x, y = data()
+    H = mh.hessian(mlp, init(7), data=(x, y), loss="cross_entropy")
+    products(H, H.shape[1])
+    with jax.default_matmul_precision("highest"), counted_compiles() as compiles:
+        H2 = mh.hessian(mlp, init(8), data=(x, y), loss="cross_entropy")
+        out, v = products(H2, H2.shape[1])
+    assert compiles, "a program lowered under another matmul precision is not the same program"
+    np.testing.assert_allclose(out, hessian_oracle(mlp, init(8), x, y) @ v, rtol=1e-10, atol=1e-12)
