@@ -391,24 +391,19 @@ def test_new_batch_size_reuses_the_analysis() -> None:
 
 
 # ----------------------------------------------------------------------------- the guard
-def test_guard_sends_wrong_products_to_the_generic_route(monkeypatch: pytest.MonkeyPatch) -> None:
-    # A bias product off by a factor 2 (its squares by 4): the first moment disagrees with autograd's
-    # gradient, so the biases must go the generic route and the diagonal stay exact.
-    original = jax_per_sample._bias_product
-    monkeypatch.setattr(jax_per_sample, "_bias_product", lambda use, delta, dtype: 2.0 * original(use, delta, dtype))
-    apply, shapes, d = MODELS["tanh_mlp_bias"]()
+@pytest.mark.parametrize(
+    ("rule", "model", "classes"), [("_bias_product", "tanh_mlp_bias", 3), ("_dense_deltas", "sequence", 2)]
+)
+def test_guard_sends_wrong_products_to_the_generic_route(
+    monkeypatch: pytest.MonkeyPatch, rule: str, model: str, classes: int
+) -> None:
+    # A structured product off by a factor 2 (its squares by 4): the first moment disagrees with autograd's
+    # gradient, so those entries must go the generic route and the diagonal stay exact.
+    original = getattr(jax_per_sample, rule)
+    monkeypatch.setattr(jax_per_sample, rule, lambda use, delta, dtype: 2.0 * original(use, delta, dtype))
+    apply, shapes, d = MODELS[model]()
     params = _init(shapes)
-    x, y = data(6, d, 3)
-    expected = oracle_diagonal(apply, params, x, y, "cross_entropy")
-    assert_close(exact_diagonal(apply, params, x, y, "cross_entropy"), expected, rtol=1e-10, atol_rel=1e-12)
-
-
-def test_guard_sends_wrong_sequence_products_to_the_generic_route(monkeypatch: pytest.MonkeyPatch) -> None:
-    original = jax_per_sample._dense_deltas
-    monkeypatch.setattr(jax_per_sample, "_dense_deltas", lambda use, delta, dtype: 2.0 * original(use, delta, dtype))
-    apply, shapes, d = MODELS["sequence"]()
-    params = _init(shapes)
-    x, y = data(6, d, 2)
+    x, y = data(6, d, classes)
     expected = oracle_diagonal(apply, params, x, y, "cross_entropy")
     assert_close(exact_diagonal(apply, params, x, y, "cross_entropy"), expected, rtol=1e-10, atol_rel=1e-12)
 

@@ -16,8 +16,7 @@ relative to the largest entry for entries that vanish (dead ReLUs).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -26,6 +25,8 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
+from keras_float64 import float64_layers  # noqa: E402
+
 import multihess as mh  # noqa: E402
 from multihess._per_sample import generic_squares  # noqa: E402
 from multihess.backends import tensorflow_per_sample  # noqa: E402
@@ -33,19 +34,6 @@ from multihess.backends.tensorflow_backend import TensorFlowBackend  # noqa: E40
 
 L = keras.layers
 N = 6
-
-
-@contextlib.contextmanager
-def float64_layers() -> Iterator[None]:
-    """Layers built inside compute and store in float64; the global default is restored afterwards."""
-    before, policy = keras.config.floatx(), keras.config.dtype_policy()
-    keras.config.set_floatx("float64")
-    keras.config.set_dtype_policy("float64")
-    try:
-        yield
-    finally:
-        keras.config.set_floatx(before)
-        keras.config.set_dtype_policy(policy)
 
 
 class Recorded(TensorFlowBackend):

@@ -16,34 +16,19 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import functools  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
 from typing import Any  # noqa: E402
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from keras_float64 import float64_layers  # noqa: E402
 
 import multihess as mh  # noqa: E402
 
 N, VOCAB, SEQ, DIM = 6, 7, 5, 4  # batch, vocabulary, sequence length, model width
-
-
-@contextlib.contextmanager
-def float64_layers() -> Iterator[None]:
-    """Layers built inside compute and store in float64; the global default is restored afterwards."""
-    # Keras fixes its global dtype policy when the first layer is built: set and restore it too.
-    before, policy = keras.config.floatx(), keras.config.dtype_policy()
-    keras.config.set_floatx("float64")
-    keras.config.set_dtype_policy("float64")
-    try:
-        yield
-    finally:
-        keras.config.set_floatx(before)
-        keras.config.set_dtype_policy(policy)
 
 
 # ----------------------------------------------------------------------------- models

@@ -574,18 +574,21 @@ print("relative error", err)
 """
 
 
-def test_exact_ggn_diagonal_of_attention_under_onednn() -> None:
-    """Vectorized per-sample gradients through batched matmuls aborted the process under oneDNN: run it alone."""
+def run_under_onednn(script: str) -> None:
+    """Run ``script`` in a process of its own with oneDNN's kernels on (their crashes take the process down)."""
     import subprocess
     import sys
 
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     env.pop("TF_ENABLE_ONEDNN_OPTS", None)  # oneDNN's default: on
-    result = subprocess.run(
-        [sys.executable, "-c", ATTENTION_GGN_DIAGONAL], capture_output=True, text=True, env=env, timeout=300
-    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "relative error" in result.stdout
+
+
+def test_exact_ggn_diagonal_of_attention_under_onednn() -> None:
+    """Vectorized per-sample gradients through batched matmuls aborted the process under oneDNN: run it alone."""
+    run_under_onednn(ATTENTION_GGN_DIAGONAL)
 
 
 RESNET_GGN_DIAGONAL = r"""
@@ -631,16 +634,7 @@ print("relative error", err)
 
 def test_exact_ggn_diagonal_of_a_resnet_under_onednn() -> None:
     """Gradients of convolutions and batch norms on a batch of one sample crashed the process under oneDNN."""
-    import subprocess
-    import sys
-
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    env.pop("TF_ENABLE_ONEDNN_OPTS", None)  # oneDNN's default: on
-    result = subprocess.run(
-        [sys.executable, "-c", RESNET_GGN_DIAGONAL], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "relative error" in result.stdout
+    run_under_onednn(RESNET_GGN_DIAGONAL)
 
 
 def test_variance_by_moments_has_its_exact_hessian() -> None:
