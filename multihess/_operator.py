@@ -11,6 +11,7 @@ shaped like the parameters when a tree went in.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -324,19 +325,18 @@ class SumOperator(CurvatureOperator):
         return f"SumOperator[{text}]"
 
     def _matmat_rows(self, V: Array) -> Array:
-        total = None
-        for coef, op in self.terms:
-            part = op._matmat_rows(V)  # v → A_i v
-            part = part if coef == 1.0 else part * coef  # → c_i A_i v
-            total = part if total is None else total + part  # → Σ c_i A_i v
-        return total
+        return self._combined(lambda op: op._matmat_rows(V))
 
     def _matvec(self, v: Array) -> Array:
+        return self._combined(lambda op: op._matvec(v))
+
+    def _combined(self, product: Callable[[CurvatureOperator], Array]) -> Array:
+        """``Σ c_i product(A_i)``: each term's product, scaled and summed."""
         total = None
         for coef, op in self.terms:
-            part = op._matvec(v)
-            part = part if coef == 1.0 else part * coef
-            total = part if total is None else total + part
+            part = product(op)  # v → A_i v
+            part = part if coef == 1.0 else part * coef  # → c_i A_i v
+            total = part if total is None else total + part  # → Σ c_i A_i v
         return total
 
 
