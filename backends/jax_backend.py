@@ -111,10 +111,6 @@ def _on_common_devices(arrays: list[Any], replicas: dict[int, tuple[Any, Any]]) 
     return out
 
 
-def _split(flat: Array, sizes: list[int]) -> list[Array]:
-    return jax.lax.split(flat, sizes)
-
-
 class JaxBackend(Backend):
     """The JAX backend (``backend="jax"``)."""
 
@@ -210,7 +206,7 @@ class JaxBackend(Backend):
         def apply(flat: Array, x: Any) -> Array:
             # lax.split, not slices: the derivative of a split is one concatenation, where each slice's is
             # a zero-padded copy of the whole vector (measured, HVPs 5-20 % faster with many parameters).
-            return call(frame.filled(split_flat(jnp, flat, selected, shapes, _split)), x)
+            return call(frame.filled(split_flat(jnp, flat, selected, shapes, jax.lax.split)), x)
 
         return ParameterBinding(w, list(selected), shapes, apply, *vector_trees(self, layout, selected, chosen))
 
