@@ -188,6 +188,8 @@ class _Use:
 def _delta_squares(block: Block, memo: dict) -> torch.Tensor:
     """``Σ_k δ_k²`` of a block of cotangents at one output, computed once for all its uses."""
     key = ("squares", id(block))
+    if key not in memo and isinstance(block, torch.Tensor):  # a vmapped pass: one reduction over the block
+        memo[key] = (block * block).sum(0)
     if key not in memo:
         total = block[0] * block[0]
         for d in block[1:]:
@@ -232,9 +234,17 @@ class _Matmul(_Use):
         return _close(actual, expected)
 
 
+_DIRECTIONS: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+
+
 def _direction(size: int, like: torch.Tensor) -> torch.Tensor:
-    """A fixed direction with no zero and no sign pattern, for checks by projection."""
-    return torch.cos(torch.arange(size, dtype=like.dtype, device=like.device) * 1.7 + 0.3)
+    """A fixed direction with no zero and no sign pattern, for checks by projection (made once per size)."""
+    key = (size, like.dtype, like.device)
+    if key not in _DIRECTIONS:
+        if len(_DIRECTIONS) > 64:  # a bound, for models whose widths change from call to call
+            _DIRECTIONS.clear()
+        _DIRECTIONS[key] = torch.cos(torch.arange(size, dtype=like.dtype, device=like.device) * 1.7 + 0.3)
+    return _DIRECTIONS[key]
 
 
 @dataclass(eq=False)
@@ -313,11 +323,33 @@ class _Conv(_Use):
         g = torch.bmm(d.reshape(n * G, d.shape[1] // G, -1), ready.transpose(1, 2))
         return g.reshape((n,) + tuple(self.alias.shape))
 
-    def sample_bytes(self) -> int:
+    def sample_bytes(self, k: int = 1) -> int:
+        """Bytes per sample for ``k`` cotangents at once: their products, squares and cotangents, and the windows."""
         item = self.alias.element_size()
         windows = self.x.shape[1] * math.prod(self.out.shape[2:]) * math.prod(self.alias.shape[2:])
-        # Products and their squares, and the gathered windows.
-        return (2 * self.alias.numel() + windows) * item
+        return (k * (2 * self.alias.numel() + math.prod(self.out.shape[1:])) + windows) * item
+
+    def square_sums(self, block: Block, layout: Layout, per_cotangent: bool, budget: int, memo: dict) -> torch.Tensor:
+        if self.groups != 1:
+            return super().square_sums(block, layout, per_cotangent, budget, memo)
+        # All k cotangents of a chunk in one batched product, (n, k·C_out, positions) by the windows: one copy
+        # of the cotangents, sample-major, buys one call with k times the rows instead of k calls (LeNet-5's
+        # second convolution: 1.4 ms against 2.4 ms; a grouped one would need a second copy, so it loops).
+        k, N = len(block), block[0].shape[0]
+        n_chunk = int(max(1, min(N, budget // max(self.sample_bytes(k), 1))))
+        total = None
+        for n0 in range(0, N, n_chunk):
+            n1 = min(n0 + n_chunk, N)
+            ready = self.prepare(n0, n1)
+            if n1 - n0 == N:  # kept for the check of the same call (see agrees): no second gathering
+                memo[("ready", id(self))] = ready
+            parts = block[:, n0:n1] if isinstance(block, torch.Tensor) else [b[n0:n1] for b in block]
+            d = torch.stack(list(parts), dim=1)  # (n, k, C_out, *positions)
+            g = torch.bmm(d.reshape(n1 - n0, k * d.shape[2], -1), ready.transpose(1, 2))
+            s = g.square_().sum(0)  # (k · C_out, C_in · kernel size)
+            total = s if total is None else total + s
+        total = total.reshape((k,) + tuple(self.alias.shape))  # type: ignore[union-attr]
+        return total if per_cotangent else total.sum(0)
 
 
 def _conv_pads(padding: Any, kernel: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[tuple[int, int], ...] | None:
@@ -684,9 +716,12 @@ def _sync(t: torch.Tensor) -> None:
 
 def _close(actual: torch.Tensor, expected: torch.Tensor) -> bool:
     """Agreement up to rounding: ``10 √ε`` of the larger magnitude (both sides come from different op orders)."""
-    scale = max(float(expected.abs().max()), float(actual.abs().max()), 1e-30) if expected.numel() else 1.0
-    tol = 10.0 * math.sqrt(torch.finfo(expected.dtype).eps) * scale
-    return bool((expected - actual).abs().max() <= tol) if expected.numel() else True
+    if not expected.numel():
+        return True
+    # One host read for the three maxima.
+    maxima = [expected.abs().max(), actual.abs().max(), (expected - actual).abs().max()]
+    largest, other, gap = torch.stack([m.double() for m in maxima]).tolist()
+    return gap <= 10.0 * math.sqrt(torch.finfo(expected.dtype).eps) * max(largest, other, 1e-30)
 
 
 def _layout(
@@ -736,9 +771,13 @@ def _layouts(uses: list[_Use], blocks: dict[int, Block], weighted: dict[int, Any
         if key in found or block is None or w is None:
             continue
         r = _direction(math.prod(use.out.shape[use.lead :]), w)
-        summed = _projected(block[0], r)
-        for d in block[1:]:  # projected first, then summed: products with a vector, no full-size sum
-            summed += _projected(d, r)
+        # Projected first, then summed: products with a vector, no full-size sum.
+        if isinstance(block, torch.Tensor):  # a vmapped pass: one product for the whole block
+            summed = (block.reshape(block.shape[0], -1, r.shape[0]) @ r).sum(0)
+        else:
+            summed = _projected(block[0], r)
+            for d in block[1:]:
+                summed += _projected(d, r)
         found[key] = _layout(use.out, use.lead, summed, _projected(w, r), c)
     return found
 

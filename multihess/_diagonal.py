@@ -6,7 +6,7 @@ import numpy as np
 
 from ._checks import check_choice, check_count, check_memory_budget, check_operator
 from ._estimate import Estimate
-from ._exact_ggn import ggn_diagonal_samples
+from ._exact_ggn import ggn_diagonal_samples, ggn_exact_diagonal
 from ._operator import CurvatureOperator
 from ._probes import DISTRIBUTIONS, RunningMoments, planned_chunks, probe_products, warn_low_precision
 from ._progress import planned_passes
@@ -113,10 +113,11 @@ def diagonal(
     budget = check_memory_budget(memory_budget)
     if num_samples is not None and method != "mc":
         raise ValueError(f"num_samples applies to method='mc' only; method={method!r} uses num_probes")
-    if method in ("exact", "mc"):
+    if method == "exact":
+        value = ggn_exact_diagonal(op, budget)
+        return Estimate(value, op.backend.xp.zeros_like(value), 0, method)
+    if method == "mc":
         samples = ggn_diagonal_samples(op, method, num_samples, seed, budget)
-        if method == "exact":
-            return _to_framework(op, samples[0], np.zeros_like(samples[0]), 0, method)
         moments = RunningMoments()
         moments.add(samples)
         return _to_framework(op, moments.mean, moments.std_error(), samples.shape[0], method)

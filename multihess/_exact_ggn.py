@@ -65,6 +65,24 @@ def ggn_parts(op: CurvatureOperator, method: str) -> tuple[Problem, ParameterBin
     )
 
 
+def ggn_exact_diagonal(op: CurvatureOperator, budget: int) -> Array:
+    """The exact GGN diagonal as a 1-D array of the parameters' framework, dtype and device.
+
+    On one batch, in one process, the device's sum is the result: the
+    round trip through float64 NumPy of :func:`ggn_diagonal_samples` would
+    add nothing but two conversions of ``P`` numbers (a fifth of the whole
+    call on a small MLP).  Streamed or sharded data are summed on the host
+    in float64, as there.
+    """
+    problem, _ = ggn_parts(op, "exact")
+    b, like = problem.backend, problem.binding.w
+    one_batch = problem.source is not None and problem.source.single is not None and not problem.distributed
+    if not one_batch:
+        return b.asarray(ggn_diagonal_samples(op, "exact", None, 0, budget)[0], like)
+    part = _batch_totals(op, "exact", None, 0, budget, on_host=False)
+    return b.asarray(part, like) if isinstance(part, np.ndarray) else b.xp.astype(part, like.dtype)
+
+
 def ggn_diagonal_samples(
     op: CurvatureOperator, method: str, num_samples: int | None, seed: int, budget: int
 ) -> np.ndarray:
@@ -72,6 +90,18 @@ def ggn_diagonal_samples(
 
     Float64 NumPy of shape ``(1, P)`` (``"exact"``) or ``(num_samples, P)`` (``"mc"``),
     in the operator's parameter order.
+    """
+    total = _batch_totals(op, method, num_samples, seed, budget, on_host=True)
+    return total[None] if method == "exact" else total
+
+
+def _batch_totals(
+    op: CurvatureOperator, method: str, num_samples: int | None, seed: int, budget: int, on_host: bool
+) -> Any:
+    """The data's sum of per-batch squares: ``(P,)`` (exact) or ``(num_samples, P)`` (mc).
+
+    Float64 NumPy if ``on_host``; otherwise each batch's device array (or
+    the host's float64 sums of :func:`_squares_full_batch`) as it comes.
     """
     problem, binding = ggn_parts(op, method)
     loss = problem.loss
@@ -96,10 +126,10 @@ def ggn_diagonal_samples(
             cotangents = lambda z: state.roots(z, y)  # noqa: E731
         else:
             cotangents = lambda z: sampled_roots(b, loss, z, y, k, rng)  # noqa: E731
-        return _squares(state, problem, binding, batch, cotangents, per_cotangent=method == "mc", budget=budget)
+        part = _squares(state, problem, binding, batch, cotangents, per_cotangent=method == "mc", budget=budget)
+        return np.asarray(b.to_numpy(part), dtype=np.float64) if on_host and not isinstance(part, np.ndarray) else part
 
-    total = problem.batch_sum(batch_squares)
-    return total[None] if method == "exact" else total
+    return problem.batch_sum(batch_squares)
 
 
 def check_target_mass(b: Backend, loss: Loss, y: Array, method: str) -> None:
@@ -212,10 +242,11 @@ def _squares(
     per_cotangent: bool,
     budget: int,
 ) -> np.ndarray:
-    """``Σ_n (J_nᵀ U[k, n])²`` in float64, ``U = cotangents(z)``: ``(K, P)`` if ``per_cotangent``, else ``(P,)``.
+    """``Σ_n (J_nᵀ U[k, n])²``, ``U = cotangents(z)``: ``(K, P)`` if ``per_cotangent``, else ``(P,)``.
 
     The squares are summed on the device in the parameters' dtype, or in
-    float32 for half-precision parameters (see :func:`_widened`).
+    float32 for half-precision parameters (see :func:`_widened`), and left
+    there; a model whose samples interact gives float64 NumPy instead.
     """
     b = problem.backend
     x = batch[0]
@@ -226,8 +257,7 @@ def _squares(
         return _squares_full_batch(b, f, w, x, cotangents, per_cotangent, budget)
     if per_cotangent not in state.squares:
         state.squares[per_cotangent] = b.per_sample_squares(f, per_cotangent)
-    part = state.squares[per_cotangent](w, x, cotangents, budget)
-    return np.asarray(b.to_numpy(part), dtype=np.float64)
+    return state.squares[per_cotangent](w, x, cotangents, budget)
 
 
 def _widened(b: Backend, binding: ParameterBinding) -> tuple[Callable[[Array, Any], Array], Array]:

@@ -360,18 +360,15 @@ class CrossEntropyLoss(Loss):
         return self._first_batched(backend, hu)
 
     def sqrt_hz(self, backend: Backend, z: Array, y: Array) -> Array:
+        xp = backend.xp
         p, t = self._probs(backend, z, y)
-        num_classes = shape(p)[-1]
-        # Column c of S is sqrt(p_c) (e_c - p), scaled by sqrt(t) (t ≥ 0 is checked by the exact diagonal).
-        onehots = one_hot(backend, _arange_like(backend, num_classes, z), num_classes, like=p)
-        root_p = backend.xp.sqrt(p)
-        root_t = backend.xp.sqrt(t)
-        cols = [root_p[..., c : c + 1] * (onehots[c] - p) * root_t for c in range(num_classes)]
-        return self._first_batched(backend, backend.xp.stack(cols))
-
-
-def _arange_like(backend: Backend, n: int, like: Array) -> Array:
-    return backend.asarray(np.arange(n), like)
+        num_classes, ones = shape(p)[-1], (1,) * (len(shape(p)) - 1)
+        # Column c of S is sqrt(p_c) (e_c - p), scaled by sqrt(t) (t ≥ 0 is checked by the exact diagonal):
+        # all columns at once, (C, *p.shape), with no loop over the classes.
+        eye = xp.reshape(backend.asarray(np.eye(num_classes), p), (num_classes,) + ones + (num_classes,))
+        root_p = xp.expand_dims(xp.moveaxis(xp.sqrt(p), -1, 0), axis=-1)  # (C, *p.shape[:-1], 1)
+        cols = root_p * (eye - p[None, ...]) * xp.sqrt(t)[None, ...]
+        return self._first_batched(backend, cols)
 
 
 def _unit_columns(backend: Backend, z: Array) -> Array:
