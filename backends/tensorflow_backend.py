@@ -59,7 +59,7 @@ import numpy as np
 import tensorflow as tf
 
 from .._arrays import shape as shape_of
-from .._backend import Array, Backend, Linearization, ParameterBinding
+from .._backend import Array, Backend, Linearization, ParameterBinding, product_on_parts
 from .._per_sample import generic_squares
 from .._trees import (
     TreeLayout,
@@ -316,7 +316,8 @@ class TensorFlowBackend(Backend):
         def vector(w: tf.Tensor, batch: Any, v: tf.Tensor) -> tf.Tensor:
             return single(w, batch, v[None])[0]
 
-        return self._by_row_count(self.compile(single), self.compile(batched), self.compile(vector))
+        compiled = self.compile
+        return self._by_row_count(compiled(single), compiled(batched), compiled(vector), self._parts(vector))
 
     def _forward_over_reverse(self, loss: Callable[[Array, Any], Array]) -> Callable[[Array, Any, Array], Array]:
         def hvp_one(w: tf.Tensor, batch: Any, v: tf.Tensor) -> tf.Tensor:
@@ -333,11 +334,18 @@ class TensorFlowBackend(Backend):
         def batched(w: tf.Tensor, batch: Any, rows: tf.Tensor) -> tf.Tensor:
             return tf.map_fn(lambda v: f(w, batch, v), rows)
 
-        return self._by_row_count(self.compile(single), self.compile(batched), self.compile(f))
+        return self._by_row_count(self.compile(single), self.compile(batched), self.compile(f), self._parts(f))
+
+    def _parts(self, f: Callable[[Array, Any, Array], Array]) -> Callable[..., Any]:
+        """``f`` compiled on the pieces of its vector (``on_parts`` of :meth:`Backend.rowwise`)."""
+        return self.compile(functools.partial(product_on_parts, self.xp, f))
 
     @staticmethod
     def _by_row_count(
-        single: Callable[..., Array], batched: Callable[..., Array], vector: Callable[..., Array]
+        single: Callable[..., Array],
+        batched: Callable[..., Array],
+        vector: Callable[..., Array],
+        parts: Callable[..., Any],
     ) -> Callable[..., Array]:
         # One row (Lanczos) skips the loop machinery of map_fn; a vector (matvec) the reshapes around the call too.
         # Each is traced on its first use.
@@ -347,6 +355,7 @@ class TensorFlowBackend(Backend):
             return (single if int(rows.shape[0]) == 1 else batched)(w, batch, rows)
 
         rows_product.takes_vectors = True  # type: ignore[attr-defined]
+        rows_product.on_parts = parts  # type: ignore[attr-defined]
         return rows_product
 
     def linearize(self, f: Callable[[Array, Any], Array], w: Array, x: Any) -> Linearization:

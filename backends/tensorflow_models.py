@@ -19,7 +19,7 @@ import tensorflow as tf
 from .._arrays import dtype_name
 from .._arrays import shape as shape_of
 from .._backend import Backend, ParameterBinding
-from .._trees import check_not_foreign, flatten_by_name, framework_of, split_flat
+from .._trees import check_not_foreign, checked_by_name, flatten_by_name, framework_of, split_flat
 from .tensorflow_moments import with_exact_moments
 
 
@@ -130,7 +130,17 @@ def stateful_binding(
         entries = _stateful_tree_by_name(backend, v, [n for n, _ in named], set(index), names)
         return flatten_by_name(backend, entries, names, shapes, dtypes)
 
-    return ParameterBinding(w, names, shapes, apply, to_tree, from_tree)
+    def parts_of(v: Any) -> list[tf.Tensor]:
+        entries = _stateful_tree_by_name(backend, v, [n for n, _ in named], set(index), names)
+        return checked_by_name(backend, entries, names, shapes, dtypes)
+
+    def from_parts(parts: Sequence[tf.Tensor]) -> list[Any]:
+        out: list[Any] = [None] * len(named)
+        for i, part in zip(index, parts):
+            out[i] = part
+        return out
+
+    return ParameterBinding(w, names, shapes, apply, to_tree, from_tree, parts_of, from_parts)
 
 
 # ----------------------------------------------------------------------------- tf.Module evaluation

@@ -73,6 +73,7 @@ def run(name: str, spec: Model, bench: Bench) -> None:
     H = mh.hessian(apply_fn, params, data=(x, y), loss="cross_entropy")
     G = mh.ggn(apply_fn, params, data=(x, y), loss="cross_entropy")
     bench.add("hvp", "multihess", "H @ v (operator built once)", lambda: H @ v, as_numpy)
+    bench.add("hvp", "multihess", "H @ tree (operator built once)", lambda: H @ tree_v, tree_np)
 
     # --- GGN-vector products
     @jax.jit
@@ -85,6 +86,7 @@ def run(name: str, spec: Model, bench: Bench) -> None:
 
     bench.add("ggn", "hand-written", "jit jvp, H_z, vjp", lambda: ggn_product(params, tree_v), tree_np)
     bench.add("ggn", "multihess", "G @ v (operator built once)", lambda: G @ v, as_numpy)
+    bench.add("ggn", "multihess", "G @ tree (operator built once)", lambda: G @ tree_v, tree_np)
 
     # --- 10-probe traces on the same probes Z; checked against multihess products with Z
     try:

@@ -16,12 +16,15 @@ in PyTorch, ``tf.map_fn`` in TensorFlow).
 from __future__ import annotations
 
 import abc
+import functools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from ._arrays import shape
 from ._trees import PYTHON_TREES, PythonTrees, TreeTools
 
 Array = Any
@@ -53,6 +56,14 @@ class ParameterBinding:
     from_tree : callable
         The inverse of ``to_tree``; raises ``ValueError`` when the tree does
         not match the parameters.
+    parts_of : callable, optional
+        ``from_tree`` without the concatenation: the checked entries of a
+        tree as a list in the order of ``names``, each shaped like its
+        parameter.  With ``from_parts``, it lets a compiled product take a
+        tree's entries as they are (see :meth:`Backend.rowwise`); a binding
+        without them gets flat products.
+    from_parts : callable, optional
+        The inverse of ``parts_of``: a tree in the structure of ``to_tree``.
     """
 
     w: Array
@@ -61,6 +72,8 @@ class ParameterBinding:
     apply: Callable[[Array, Any], Array]
     to_tree: Callable[[Array], Any]
     from_tree: Callable[[Any], Array]
+    parts_of: Callable[[Any], list[Array]] | None = None
+    from_parts: Callable[[Sequence[Array]], Any] | None = None
     sizes: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -250,7 +263,11 @@ class Backend(abc.ABC):
         on its own: it skips the vectorization machinery.  A 1-D ``V`` (a
         matvec) runs ``f`` compiled as it is and answers 1-D: no reshapes
         around the compiled call.  ``F.takes_vectors`` says that it accepts
-        those.  Each variant is compiled on its first use.
+        those.  ``F.on_parts(w, batch, parts)`` takes the vector as a list
+        of pieces and answers ``(pieces of the product, whether the sum of
+        the input is finite)``: joining and cutting the vector happen inside
+        the compiled program, where the compiler can drop them (a product
+        with a parameter tree).  Each variant is compiled on its first use.
         """
         mapped = self.vmap(f, (None, None, 0))
         if mapped is None:
@@ -268,6 +285,7 @@ class Backend(abc.ABC):
             return (single if int(rows.shape[0]) == 1 else batched)(w, batch, rows)
 
         rows_product.takes_vectors = True  # type: ignore[attr-defined]
+        rows_product.on_parts = self.compile(functools.partial(product_on_parts, self.xp, f))  # type: ignore[attr-defined]
         return rows_product
 
     def hvp_function(self, loss: Callable[[Array, Any], Array]) -> Callable[[Array, Any, Array], Array]:
@@ -335,3 +353,23 @@ def map_rows(backend: Backend, f: Callable[[Array], Array]) -> Callable[[Array],
     if mapped is not None:
         return mapped
     return lambda rows: backend.xp.stack([f(rows[i]) for i in range(int(rows.shape[0]))])
+
+
+def product_on_parts(xp: Any, f: Callable[[Array, Any, Array], Array], w: Array, batch: Any, parts: list) -> tuple:
+    """``f(w, batch, v)`` with ``v`` given as pieces: the product's pieces, shaped alike, and ``isfinite(Σ v)``.
+
+    Meant to be compiled (:meth:`Backend.rowwise`): a compiler sees the
+    concatenation of the pieces met by the split of the parameters, and
+    the product's concatenation met by the cuts below, and keeps neither.
+    The finiteness of the input's sum comes out with the product, so that
+    checking it costs no separate pass over the vector.
+    """
+    flat = xp.concat([xp.reshape(p, (-1,)) for p in parts], axis=0) if len(parts) > 1 else xp.reshape(parts[0], (-1,))
+    out = f(w, batch, flat)
+    pieces, start = [], 0
+    for p in parts:
+        size = math.prod(shape(p))
+        pieces.append(xp.reshape(out[start : start + size], shape(p)))
+        start += size
+    total = xp.sum(xp.stack([xp.sum(p) for p in parts]))
+    return pieces, xp.isfinite(total)

@@ -67,6 +67,9 @@ class GGNOperator(CurvatureOperator):
         w = self.problem.binding.w
         return self.problem.batch_sum(lambda batch: self._product(w, batch, V))
 
+    def _parts_product(self) -> tuple[Callable[..., Array], Problem]:
+        return self._product, self.problem
+
     def _matvec(self, v: Array) -> Array:
         if not getattr(self._product, "takes_vectors", False):
             return super()._matvec(v)

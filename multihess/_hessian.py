@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ._backend import Array
 from ._operator import CurvatureOperator
 from ._problem import Problem
@@ -29,3 +31,6 @@ class HessianOperator(CurvatureOperator):
             return super()._matvec(v)
         w = self.problem.binding.w
         return self.problem.batch_sum(lambda batch: self._hvp(w, batch, v))
+
+    def _parts_product(self) -> tuple[Callable[..., Array], Problem]:
+        return self._hvp, self.problem

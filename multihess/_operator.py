@@ -124,9 +124,59 @@ class CurvatureOperator:
 
     def matvec(self, v: Any) -> Any:
         """``A v`` for a flat vector or a parameter tree ``v`` (answered in the same form)."""
-        flat, as_tree = self._flatten_input(v)
+        if not self.backend.is_array(v):
+            out = self._tree_matvec(v)
+            if out is not None:
+                return out
+        flat, as_tree = self._flatten_input(v, check_values=False)
+        # The finiteness test is started before the product and read after it: in frameworks that
+        # dispatch asynchronously (JAX, TF) the product does not wait for a host read first.
+        pending = self._finite_sum(flat)
         out = self._matvec(flat)
+        self._confirm_finite(pending, [flat], "v")
         return self.rows.to_tree(out) if as_tree else out
+
+    def _tree_matvec(self, v: Any) -> Any:
+        """``A v`` for a parameter tree through the compiled product's ``on_parts`` (see :meth:`Backend.rowwise`).
+
+        The tree's entries go in as they are and the product comes out in
+        pieces: no flat vector is made on either side (in JAX the
+        compiler drops both the joining and the cutting).  ``None`` where
+        the operator, its binding or its data do not allow it (several
+        batches or processes sum flat products).
+        """
+        if hasattr(v, "shape") and hasattr(v, "dtype"):  # a NumPy or foreign array: the flat path's errors
+            return None
+        found = self._parts_product()
+        binding = self.cols
+        if found is None or binding.parts_of is None or binding.from_parts is None or self.rows is not binding:
+            return None
+        product, problem = found
+        on_parts = getattr(product, "on_parts", None)
+        if on_parts is None or not problem.one_batch:
+            return None
+        parts = binding.parts_of(v)
+        pieces, finite = problem.batch_sum(lambda batch: on_parts(binding.w, batch, parts))
+        self._confirm_finite(finite if self.check_finite else None, parts, "v")
+        return binding.from_parts(pieces)
+
+    def _parts_product(self) -> tuple[Callable[..., Any], Any] | None:
+        """``(product, problem)`` of an operator whose product comes from :meth:`Backend.rowwise`, else ``None``."""
+        return None
+
+    def _finite_sum(self, v: Array) -> Array | None:
+        """``isfinite(Σ v)`` as a device scalar, not yet read (``None`` when unchecked)."""
+        if not self.check_finite or not is_floating(self.backend.xp, v):
+            return None
+        xp = self.backend.xp
+        return xp.isfinite(xp.sum(v))
+
+    def _confirm_finite(self, finite_sum: Array | None, parts: list[Array], what: str) -> None:
+        """Raise if the input had a NaN or inf: a finite sum proves every entry finite, else each part is tested."""
+        if finite_sum is None or bool(finite_sum):
+            return
+        if not all(all_finite(self.backend.xp, p) for p in parts):
+            raise ValueError(f"{what} contains NaN or inf; products with it would be meaningless")
 
     def matmat(self, V: Array) -> Array:
         """``A V`` for a matrix ``V`` of shape ``(n, k)``; returns ``(m, k)``."""
@@ -257,7 +307,7 @@ class CurvatureOperator:
     # ------------------------------------------------------------------
     # Input handling
     # ------------------------------------------------------------------
-    def _flatten_input(self, v: Any) -> tuple[Array, bool]:
+    def _flatten_input(self, v: Any, check_values: bool = True) -> tuple[Array, bool]:
         b = self.backend
         n = self.shape[1]
         if b.is_array(v):
@@ -276,7 +326,8 @@ class CurvatureOperator:
             flat, as_tree = self.cols.from_tree(v), True
         if not is_floating(b.xp, flat):
             raise TypeError(f"v must be floating point, got {dtype_name(flat)}")
-        self._check_vector_values(flat, "v")
+        if check_values:
+            self._check_vector_values(flat, "v")
         if dtype_name(flat) != dtype_name(self.cols.w):
             raise TypeError(
                 f"v has dtype {dtype_name(flat)} but the parameters are {dtype_name(self.cols.w)}; "

@@ -103,6 +103,11 @@ class Problem:
             self._checked.add(index)
         return batch
 
+    @property
+    def one_batch(self) -> bool:
+        """Whether a pass is one call in one process: one batch of data, or none (a function of the parameters)."""
+        return not self.distributed and (self.source is None or self.source.single is not None)
+
     def batch_sum(self, per_batch: Callable[[Batch], Any]) -> Any:
         """``Σ_batches weight · per_batch(batch)`` over one pass: the data's total of a per-batch quantity.
 
