@@ -59,7 +59,7 @@ import numpy as np
 import tensorflow as tf
 
 from .._arrays import shape as shape_of
-from .._backend import Array, Backend, Linearization, ParameterBinding, product_on_parts
+from .._backend import Array, Backend, Linearization, ParameterBinding, product_on_parts, quadratic_forms
 from .._per_sample import generic_squares
 from .._trees import (
     TreeLayout,
@@ -317,7 +317,9 @@ class TensorFlowBackend(Backend):
             return single(w, batch, v[None])[0]
 
         compiled = self.compile
-        return self._by_row_count(compiled(single), compiled(batched), compiled(vector), self._parts(vector))
+        return self._by_row_count(
+            compiled(single), compiled(batched), compiled(vector), self._parts(vector), self._forms(batched)
+        )
 
     def _forward_over_reverse(self, loss: Callable[[Array, Any], Array]) -> Callable[[Array, Any, Array], Array]:
         def hvp_one(w: tf.Tensor, batch: Any, v: tf.Tensor) -> tf.Tensor:
@@ -334,11 +336,16 @@ class TensorFlowBackend(Backend):
         def batched(w: tf.Tensor, batch: Any, rows: tf.Tensor) -> tf.Tensor:
             return tf.map_fn(lambda v: f(w, batch, v), rows)
 
-        return self._by_row_count(self.compile(single), self.compile(batched), self.compile(f), self._parts(f))
+        parts, forms = self._parts(f), self._forms(batched)
+        return self._by_row_count(self.compile(single), self.compile(batched), self.compile(f), parts, forms)
 
     def _parts(self, f: Callable[[Array, Any, Array], Array]) -> Callable[..., Any]:
         """``f`` compiled on the pieces of its vector (``on_parts`` of :meth:`Backend.rowwise`)."""
         return self.compile(functools.partial(product_on_parts, self.xp, f))
+
+    def _forms(self, batched: Callable[[Array, Any, Array], Array]) -> Callable[..., Any]:
+        """``zᵀAz`` per row, compiled with the batched product (``forms`` of :meth:`Backend.rowwise`)."""
+        return self.compile(functools.partial(quadratic_forms, self.xp, batched))
 
     @staticmethod
     def _by_row_count(
@@ -346,6 +353,7 @@ class TensorFlowBackend(Backend):
         batched: Callable[..., Array],
         vector: Callable[..., Array],
         parts: Callable[..., Any],
+        forms: Callable[..., Array],
     ) -> Callable[..., Array]:
         # One row (Lanczos) skips the loop machinery of map_fn; a vector (matvec) the reshapes around the call too.
         # Each is traced on its first use.
@@ -356,6 +364,7 @@ class TensorFlowBackend(Backend):
 
         rows_product.takes_vectors = True  # type: ignore[attr-defined]
         rows_product.on_parts = parts  # type: ignore[attr-defined]
+        rows_product.forms = forms  # type: ignore[attr-defined]
         return rows_product
 
     def linearize(self, f: Callable[[Array, Any], Array], w: Array, x: Any) -> Linearization:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ._arrays import shape
+from ._arrays import dtype_name, shape
 from ._trees import PYTHON_TREES, PythonTrees, TreeTools
 
 Array = Any
@@ -263,7 +263,11 @@ class Backend(abc.ABC):
         on its own: it skips the vectorization machinery.  A 1-D ``V`` (a
         matvec) runs ``f`` compiled as it is and answers 1-D: no reshapes
         around the compiled call.  ``F.takes_vectors`` says that it accepts
-        those.  ``F.on_parts(w, batch, parts)`` takes the vector as a list
+        those.  ``F.forms(w, batch, Z)`` gives ``Σ_i Z[k, i] (A Z[k])_i`` for
+        each row of ``Z`` (any real dtype: Rademacher signs come as ``int8``)
+        in one compiled call: the probes are widened, multiplied and
+        reduced where the products are made (Hutchinson's trace).
+        ``F.on_parts(w, batch, parts)`` takes the vector as a list
         of pieces and answers ``(pieces of the product, whether the sum of
         the input is finite)``: joining and cutting the vector happen inside
         the compiled program, where the compiler can drop them (a product
@@ -286,6 +290,7 @@ class Backend(abc.ABC):
 
         rows_product.takes_vectors = True  # type: ignore[attr-defined]
         rows_product.on_parts = self.compile(functools.partial(product_on_parts, self.xp, f))  # type: ignore[attr-defined]
+        rows_product.forms = self.compile(functools.partial(quadratic_forms, self.xp, mapped))  # type: ignore[attr-defined]
         return rows_product
 
     def hvp_function(self, loss: Callable[[Array, Any], Array]) -> Callable[[Array, Any, Array], Array]:
@@ -373,3 +378,17 @@ def product_on_parts(xp: Any, f: Callable[[Array, Any, Array], Array], w: Array,
         start += size
     total = xp.sum(xp.stack([xp.sum(p) for p in parts]))
     return pieces, xp.isfinite(total)
+
+
+def quadratic_forms(xp: Any, batched: Callable[[Array, Any, Array], Array], w: Array, batch: Any, Z: Array) -> Array:
+    """``zᵀAz`` for each row ``z`` of ``Z`` (``batched`` gives ``A`` times the rows): shape ``(k,)``.
+
+    ``Z`` is cast to the parameters' dtype first (so ``int8`` signs work);
+    for float16 and bfloat16 the probes and products are widened to float32
+    before the sum, which would otherwise overflow or round each partial sum.
+    """
+    rows = xp.astype(Z, w.dtype)
+    products = batched(w, batch, rows)
+    if dtype_name(w) in ("float16", "bfloat16"):
+        rows, products = xp.astype(rows, xp.float32), xp.astype(products, xp.float32)
+    return xp.sum(rows * products, axis=1)

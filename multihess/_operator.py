@@ -160,6 +160,22 @@ class CurvatureOperator:
         self._confirm_finite(finite if self.check_finite else None, parts, "v")
         return binding.from_parts(pieces)
 
+    def _quadratic_forms(self, Z: Array) -> Array | None:
+        """``zᵀAz`` per row of ``Z`` (any real dtype) in one compiled call, where the product has one; else ``None``.
+
+        Through the ``forms`` of :meth:`Backend.rowwise`, summed over the
+        batches as products are.
+        """
+        found = self._parts_product()
+        if found is None or self.rows is not self.cols:
+            return None
+        product, problem = found
+        forms = getattr(product, "forms", None)
+        if forms is None:
+            return None
+        w = self.cols.w
+        return problem.batch_sum(lambda batch: forms(w, batch, Z))
+
     def _parts_product(self) -> tuple[Callable[..., Any], Any] | None:
         """``(product, problem)`` of an operator whose product comes from :meth:`Backend.rowwise`, else ``None``."""
         return None

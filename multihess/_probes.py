@@ -77,6 +77,35 @@ def _rademacher_signs(rng: np.random.Generator, num: int, n: int, order: list[sl
     return bits
 
 
+def probe_forms(
+    op: CurvatureOperator, rng: np.random.Generator, num: int, distribution: str, memory_budget: int
+) -> Iterator[np.ndarray]:
+    """Chunks of ``zᵀAz`` for ``num`` fresh probes, in float64: Hutchinson's samples of the trace.
+
+    Where the operator's product has a compiled ``forms`` (JAX, TensorFlow),
+    the probes go in as they were sent (Rademacher signs as ``int8``) and
+    only the numbers come out: widening, products, multiplication and sum
+    are one call.  Otherwise :func:`probe_reductions`, the same numbers.
+    """
+    b = op.backend
+    for start, stop in chunks(num, rows_per_chunk(op, memory_budget)):
+        Z = _sent_payload(op, rng, stop - start, distribution)
+        forms = op._quadratic_forms(Z)
+        if forms is None:
+            Z = b.xp.astype(Z, op.cols.w.dtype)
+            forms = b.xp.sum(widened(b.xp, Z) * widened(b.xp, op._matmat_rows(Z)), axis=1)
+        yield np.asarray(b.to_numpy(forms), dtype=np.float64)
+
+
+def _sent_payload(op: CurvatureOperator, rng: np.random.Generator, num: int, distribution: str) -> Any:
+    """The probes of :func:`sent_probes` as they travel: ``int8`` signs (Rademacher) or the operator's dtype."""
+    b, like = op.backend, op.cols.w
+    n, order = op.shape[1], probe_order(op)
+    if distribution == "rademacher":
+        return b.asarray(_rademacher_signs(rng, num, n, order), like)
+    return b.asarray(draw_probes(rng, num, n, distribution, order, probe_dtype(op)), like)
+
+
 def sent_probes(op: CurvatureOperator, rng: np.random.Generator, num: int, distribution: str) -> Any:
     """The probes of :func:`draw_probes` for ``op`` as a framework array on its device, in its dtype.
 
@@ -86,11 +115,7 @@ def sent_probes(op: CurvatureOperator, rng: np.random.Generator, num: int, distr
     products themselves.  Gaussian probes travel in the operator's dtype.
     The numbers are those of :func:`draw_probes` either way.
     """
-    b, like = op.backend, op.cols.w
-    n, order = op.shape[1], probe_order(op)
-    if distribution == "rademacher":
-        return b.xp.astype(b.asarray(_rademacher_signs(rng, num, n, order), like), like.dtype)
-    return b.asarray(draw_probes(rng, num, n, distribution, order, probe_dtype(op)), like)
+    return op.backend.xp.astype(_sent_payload(op, rng, num, distribution), op.cols.w.dtype)
 
 
 def probe_dtype(op: CurvatureOperator) -> Any:

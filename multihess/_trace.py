@@ -8,7 +8,7 @@ from ._checks import check_choice, check_count, check_memory_budget, check_opera
 from ._estimate import Estimate
 from ._exact_ggn import ggn_diagonal_samples
 from ._operator import CurvatureOperator
-from ._probes import DISTRIBUTIONS, RunningMoments, planned_chunks, probe_reductions, warn_low_precision
+from ._probes import DISTRIBUTIONS, RunningMoments, planned_chunks, probe_forms, warn_low_precision
 from ._progress import planned_passes
 from ._sketch import exchangeable_sketch, hutch_plus_plus
 
@@ -148,10 +148,9 @@ def _from_samples(samples: np.ndarray, method: str, exact: bool) -> Estimate:
 
 
 def _hutchinson(op: CurvatureOperator, rng: np.random.Generator, num: int, distribution: str, budget: int) -> Estimate:
-    b = op.backend
     moments = RunningMoments()
     # zᵀAz of each probe, reduced on the device: only the chunk's scalars come back.
-    for forms in probe_reductions(op, rng, num, distribution, budget, lambda Z, AZ: b.xp.sum(Z * AZ, axis=1)):
+    for forms in probe_forms(op, rng, num, distribution, budget):
         moments.add(forms)
     return Estimate(float(moments.mean), float(moments.std_error()), num, "hutchinson")
 
