@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import types
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -385,11 +386,42 @@ def _check_problem(problem: Problem, first: Batch | None) -> None:
     problem.loss.check(b, out, y)
     problem.sample_shape = shape(out)[1:]
     problem.loss.value(b, out, y)  # a callable loss shows here whether it returns a scalar
-    again = problem.binding.apply(problem.binding.w, x)
-    a, c = b.to_numpy(out).astype(np.float64), b.to_numpy(again).astype(np.float64)
-    scale = max(1.0, float(np.max(np.abs(a))) if a.size else 1.0)
-    if not np.allclose(a, c, rtol=0, atol=1e-5 * scale, equal_nan=True):
+    _check_deterministic(problem, x, b.to_numpy(out).astype(np.float64))
+
+
+def _check_deterministic(problem: Problem, x: Any, first: np.ndarray) -> None:
+    """Refuse a model whose evaluations on one batch differ (dropout or sampling left on).
+
+    A second evaluation that differs is not proof: on some CPUs a kernel
+    now and then takes another path and rounds differently (float32 logits
+    a few 1e-5 apart).  Then a third evaluation decides: randomness makes
+    all three differ, a stray kernel leaves two equal, and the result is a
+    warning with the size of the difference.
+    """
+    b = problem.backend
+    scale = max(1.0, float(np.max(np.abs(first))) if first.size else 1.0)
+    tol = 1e-5 * scale
+
+    def evaluation() -> np.ndarray:
+        return b.to_numpy(problem.binding.apply(problem.binding.w, x)).astype(np.float64)
+
+    def same(a: np.ndarray, c: np.ndarray) -> bool:
+        return bool(np.allclose(a, c, rtol=0, atol=tol, equal_nan=True))
+
+    second = evaluation()
+    if same(first, second):
+        return
+    third = evaluation()
+    if not (same(first, third) or same(second, third)):
         raise ValueError(
-            "the model is not deterministic: two evaluations on the same batch differ "
+            "the model is not deterministic: three evaluations on the same batch differ "
             "(dropout or sampling in training mode?); call model.eval() or fix its randomness"
         )
+    gap = float(np.nanmax(np.abs(first - second)))
+    warnings.warn(
+        f"two of three evaluations of the model on the same batch differed by up to {gap:.3g} "
+        f"({gap / scale:.2g} of the largest output): the framework's kernels round differently from call to "
+        "call on this machine; products and estimates carry differences of that size",
+        RuntimeWarning,
+        stacklevel=4,
+    )

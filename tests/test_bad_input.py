@@ -54,6 +54,27 @@ def test_module_in_training_mode(problem) -> None:
     mh.hessian(model.eval(), data=(x, y), loss="cross_entropy")
 
 
+class _OneStrayEvaluation(nn.Module):
+    """A linear model whose second evaluation alone is off by ``gap`` (a kernel that rounds differently once)."""
+
+    def __init__(self, gap: float) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 2).double()
+        self.gap, self.calls = gap, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        out = self.linear(x)
+        return out + self.gap if self.calls == 2 else out
+
+
+def test_one_stray_evaluation_warns_instead_of_refusing(problem) -> None:
+    _, x, _ = problem
+    y = torch.zeros(x.shape[0], dtype=torch.long)
+    with pytest.warns(RuntimeWarning, match="differed by up to 0.001"):
+        mh.hessian(_OneStrayEvaluation(1e-3), data=(x, y), loss="cross_entropy")
+
+
 def test_nan_in_a_module_parameter(problem) -> None:
     model, x, y = problem
     with torch.no_grad():
