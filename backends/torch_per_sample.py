@@ -16,7 +16,9 @@ pass already has, has a per-sample product made from that cotangent alone:
   summed over positions for ``b``;
 - ``F.batch_norm`` with running statistics (inference mode) and
   ``F.layer_norm``: ``Σ_t δ_nt x̂_nt`` for the scale, ``Σ_t δ_nt`` for the
-  shift, ``x̂`` the normalized input,
+  shift, ``x̂`` the normalized input;
+- ``F.embedding`` (no ``max_norm``, no ``scale_grad_by_freq``): ``δ_nt``
+  added into the row of the token at ``t``, nothing into the padding row,
 
 where ``δ = ∂⟨z, u⟩/∂y`` is the cotangent at the op's output; backward passes
 to the recorded outputs only (vmapped over the ``K`` cotangents, or one per
@@ -33,9 +35,10 @@ takes LeNet-5's exact diagonal from 106 to 4.0 gradients (BackPACK's
 The forward pass is recorded with a ``TorchFunctionMode``, which sees every
 torch function that reads a view of the flat parameter vector.  An entry read
 exactly once, by a recognized op, takes this route; every other entry that is
-read at all (embeddings, tied weights, ops inside fused composites such as
-``F.multi_head_attention_forward``, ...) goes through the generic per-sample
-route, restricted to those entries.  Nothing depends on a list of layers:
+read at all (tied weights, fused kernels, ...) goes through the generic
+per-sample route, restricted to those entries.  Composites written in Python
+(``F.multi_head_attention_forward``) are recorded from the inside: their
+projections are plain linear maps.  Nothing depends on a list of layers:
 unrecognized reads are merely slower.  Two guards keep the result exact:
 
 - which axis of an op's output holds the samples is found, not assumed: the
@@ -54,6 +57,7 @@ from __future__ import annotations
 
 import math
 import time
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -95,6 +99,33 @@ _ADD = _existing("add", "Tensor.add", "Tensor.__add__", "Tensor.__radd__")
 _CONV = _existing("conv1d", "conv2d", "conv3d", "nn.functional.conv1d", "nn.functional.conv2d", "nn.functional.conv3d")
 _BATCH_NORM = _existing("nn.functional.batch_norm")
 _LAYER_NORM = _existing("nn.functional.layer_norm")
+_EMBEDDING = _existing("nn.functional.embedding")
+# Composites written in Python that read parameters through ops recognized here: the recorder runs their
+# inside under itself instead of treating the whole call as one unrecognized read.
+_COMPOSITES = _existing("nn.functional.multi_head_attention_forward")
+_DISPATCH_CHECKS = ("has_torch_function", "has_torch_function_unary", "has_torch_function_variadic")
+_OPENED: dict[Any, Any] = {}
+
+
+def _opened(func: Any) -> Any:
+    """A copy of a Python composite whose own ``__torch_function__`` check is off, or ``None`` if it has none.
+
+    The composite's first step hands the whole call to the active mode;
+    with that check answering no, it runs its body, whose ops (``F.linear``,
+    ``F.scaled_dot_product_attention``, ...) reach the mode one by one.  The
+    same code runs, so the outputs are the composite's own.
+    """
+    if func not in _OPENED:
+        code = getattr(func, "__code__", None)
+        if code is None or not any(name in code.co_names for name in _DISPATCH_CHECKS):
+            _OPENED[func] = None
+        else:
+            scope = dict(func.__globals__)
+            scope.update({name: (lambda *args, **kwargs: False) for name in _DISPATCH_CHECKS if name in scope})
+            copy = types.FunctionType(code, scope, func.__name__, func.__defaults__, func.__closure__)
+            copy.__kwdefaults__ = func.__kwdefaults__
+            _OPENED[func] = copy
+    return _OPENED[func]
 
 
 def _bind(names: tuple[str, ...], args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -352,6 +383,74 @@ class _Conv(_Use):
         return total if per_cotangent else total.sum(0)
 
 
+@dataclass(eq=False)
+class _Embedding(_Use):
+    """The table ``E`` (``(V, D)``) of ``y = E[tokens]``: a sample's product adds its ``δ_t`` into the rows it read.
+
+    Rows read by several positions of one sample add up before squaring;
+    the padding row (``padding_idx``) gets no gradient, as in PyTorch.
+    """
+
+    tokens: torch.Tensor = None  # type: ignore[assignment]
+    padding: int | None = None
+
+    def _sample_major(self, t: torch.Tensor, layout: Layout, n0: int, n1: int) -> torch.Tensor:
+        """``(A, N, B, ...)`` rows of samples ``n0:n1`` as ``(n, A · B, ...)``."""
+        return t[:, n0:n1].movedim(1, 0).reshape((n1 - n0, -1) + tuple(t.shape[3:]))
+
+    def _keys(self, layout: Layout, n0: int, n1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``sample · V + token`` for every position of samples ``n0:n1``, and which positions count."""
+        A, B = layout
+        tok = self._sample_major(self.tokens.reshape(A, -1, B), layout, n0, n1)  # (n, A · B)
+        V = self.alias.shape[0]
+        keys = torch.arange(n1 - n0, device=tok.device)[:, None] * V + tok
+        valid = torch.ones_like(tok, dtype=torch.bool) if self.padding is None else tok != self.padding
+        return keys.reshape(-1), valid.reshape(-1)
+
+    def _deltas(self, delta: torch.Tensor, layout: Layout, n0: int, n1: int, valid: torch.Tensor) -> torch.Tensor:
+        d = self._sample_major(self.rows(delta, layout), layout, n0, n1).reshape(-1, self.alias.shape[1])
+        return d * valid[:, None].to(d.dtype)
+
+    def products(self, delta: torch.Tensor, layout: Layout, n0: int, n1: int, ready: Any) -> torch.Tensor:
+        V, D = self.alias.shape
+        keys, valid = self._keys(layout, n0, n1)
+        out = torch.zeros(((n1 - n0) * V, D), dtype=delta.dtype, device=delta.device)
+        return out.index_add_(0, keys, self._deltas(delta, layout, n0, n1, valid)).reshape(n1 - n0, V, D)
+
+    def square_sums(self, block: Block, layout: Layout, per_cotangent: bool, budget: int, memo: dict) -> torch.Tensor:
+        # Per (sample, row read) pair only: Σ_t δ_nt over the positions of a sample reading a row, squared, and
+        # added into that row: no (N, V, D) per-sample table.
+        V, D = self.alias.shape
+        N = self.rows(block[0], layout).shape[1]
+        keys, valid = self._keys(layout, 0, N)
+        pairs, inverse = torch.unique(keys, return_inverse=True)
+        sums = []
+        for delta in block:
+            per_pair = torch.zeros((pairs.shape[0], D), dtype=delta.dtype, device=delta.device)
+            per_pair.index_add_(0, inverse, self._deltas(delta, layout, 0, N, valid))
+            table = torch.zeros((V, D), dtype=delta.dtype, device=delta.device)
+            sums.append(table.index_add_(0, pairs % V, per_pair * per_pair))
+        if per_cotangent:
+            return torch.stack(sums)
+        total = sums[0]
+        for t in sums[1:]:
+            total += t
+        return total
+
+    def agrees(self, delta: torch.Tensor, layout: Layout, grad: torch.Tensor, budget: int, memo: dict) -> bool:
+        # Along a fixed direction of the features: each position adds one number into the row it read.
+        V, D = self.alias.shape
+        r = _direction(D, delta)
+        valid = (
+            torch.ones(self.tokens.numel(), dtype=torch.bool, device=delta.device)
+            if self.padding is None
+            else self.tokens.reshape(-1) != self.padding
+        )
+        projected = (delta.reshape(-1, D) @ r) * valid.to(delta.dtype)
+        expected = torch.zeros(V, dtype=delta.dtype, device=delta.device)
+        return _close(grad @ r, expected.index_add_(0, self.tokens.reshape(-1), projected))
+
+
 def _conv_pads(padding: Any, kernel: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[tuple[int, int], ...] | None:
     """``(before, after)`` zero padding per spatial axis, as the convolution applies it."""
     spatial = len(kernel)
@@ -396,6 +495,9 @@ class _Recorder(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
+        if func in _COMPOSITES and _opened(func) is not None:
+            with self:  # the mode is off while its handler runs: on again for the composite's inside
+                return _opened(func)(*args, **kwargs)
         out = func(*args, **kwargs)
         read = [t for t in tree_leaves((args, kwargs)) if self.is_alias(t)]
         if not read:
@@ -437,6 +539,8 @@ class _Recorder(TorchFunctionMode):
             return self._batch_norm(args, kwargs, out)
         if func in _LAYER_NORM:
             return self._layer_norm(args, kwargs, out)
+        if func in _EMBEDDING:
+            return self._embedding(args, kwargs, out)
         if kwargs or len(args) != 2:
             return []
         if func in _MATMUL:
@@ -513,6 +617,21 @@ class _Recorder(TorchFunctionMode):
             if self.is_alias(t) and tuple(t.shape) == shape and t.is_contiguous():
                 uses.append(_Shift(t, out, lead, xhat=scale))
         return uses
+
+    def _embedding(self, args: tuple, kwargs: dict, out: torch.Tensor) -> list[_Use]:
+        names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+        bound = _bind(names, args, kwargs)
+        tokens, W, padding = bound.get("input"), bound.get("weight"), bound.get("padding_idx")
+        # max_norm rewrites rows of the table and scale_grad_by_freq rescales its gradient: not a plain lookup.
+        if bound.get("max_norm") is not None or bound.get("scale_grad_by_freq", False):
+            return []
+        if not (isinstance(tokens, torch.Tensor) and not tokens.is_floating_point() and tokens.dim() >= 1):
+            return []
+        if not (self.is_alias(W) and W.dim() == 2 and _one_to_one(W)):
+            return []
+        if padding is not None and padding < 0:
+            padding += W.shape[0]
+        return [_Embedding(W, out, tokens.dim(), tokens=tokens.detach(), padding=padding)]
 
     def _data(self, a: Any) -> bool:
         """A tensor that is not itself a view of the parameters."""

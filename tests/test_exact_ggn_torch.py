@@ -351,9 +351,36 @@ def _model(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor, str]:
         y = torch.randn(4, 3, dtype=torch.float64)
     elif name == "tied_conv":
         model, (x, y) = TiedConv(), _data((5, 2, 9), 3)
+    elif name in ("embedding", "embedding_seq_first"):
+        model = Embedded(seq_first=name == "embedding_seq_first")
+        # Rows repeat within and across samples; token 0 is the padding row, which gets no gradient.
+        x = torch.tensor([[1, 2, 1, 0, 3], [4, 4, 4, 0, 0], [6, 1, 2, 5, 5], [0, 3, 2, 6, 1]])
+        y = torch.tensor([0, 2, 1, 1])
     else:
         raise ValueError(name)
     return model.double().eval(), x, y, loss
+
+
+class Embedded(nn.Module):
+    """An embedding table with a padding row, a linear layer on the sequence, mean pooling and a head.
+
+    With ``seq_first`` the lookup takes the tokens transposed, ``(T, N)``: the
+    samples are the second axis of the lookup's output.
+    """
+
+    def __init__(self, seq_first: bool = False) -> None:
+        super().__init__()
+        self.seq_first = seq_first
+        self.embed = nn.Embedding(7, 4, padding_idx=0)
+        self.mix = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.seq_first:
+            h = self.embed(tokens.T).transpose(0, 1)
+        else:
+            h = self.embed(tokens)
+        return self.head(torch.tanh(self.mix(h)).mean(1))
 
 
 class TiedConv(nn.Module):
@@ -390,7 +417,14 @@ def generic_entries(monkeypatch) -> list[int]:
     return calls
 
 
-STRUCTURED = [f"conv{name}" for name in CONVS] + ["residual_bn_eval", "lenet", "layouts", "layouts_mse"]
+STRUCTURED = [f"conv{name}" for name in CONVS] + [
+    "residual_bn_eval",
+    "lenet",
+    "layouts",
+    "layouts_mse",
+    "embedding",
+    "embedding_seq_first",
+]
 
 
 @pytest.mark.parametrize("name", STRUCTURED)
@@ -475,7 +509,7 @@ class Encoder(nn.Module):
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap's fallback for fused attention
-def test_transformer_layer_mixes_both_routes(generic_entries) -> None:
+def test_transformer_layer_takes_the_recorded_route_inside_attention(generic_entries) -> None:
     torch.manual_seed(0)
     # Training mode with dropout 0 computes the eval function without the fused inference kernel,
     # which the whole-batch oracle's Jacobian cannot differentiate.
@@ -484,7 +518,34 @@ def test_transformer_layer_mixes_both_routes(generic_entries) -> None:
     expected = whole_batch_diagonal(model, x, y, "cross_entropy")
     got = exact_diagonal(model, x, y, "cross_entropy")
     np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12 * expected.max())
-    # Only the attention's projections, read inside F.multi_head_attention_forward, take the generic route;
-    # the feed-forward layers, the layer norms and the head take the recorded one.
-    attention = sum(p.numel() for p in model.layer.self_attn.parameters())
-    assert generic_entries == [attention]
+    # The attention's projections are read inside F.multi_head_attention_forward, whose inside the recording
+    # sees: with the feed-forward layers, the layer norms and the head, every entry takes the recorded route.
+    assert generic_entries == []
+
+
+class CrossAttention(nn.Module):
+    """Attention from one sequence to another, with padded keys masked out, then a head on the pooled output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        query, memory = x[:, :2], x[:, 2:]
+        mask = torch.zeros(memory.shape[:2], dtype=torch.bool)
+        mask[:, -1] = True  # the last key of every sample is padding
+        out, _ = self.attn(query, memory, memory, key_padding_mask=mask, need_weights=False)
+        return self.head(torch.tanh(out).mean(1))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_cross_attention_with_a_key_mask_takes_the_recorded_route(generic_entries) -> None:
+    torch.manual_seed(0)
+    model = CrossAttention().double().train()  # dropout 0: the eval function, without the fused inference kernel
+    x, y = _data((4, 5, 4), 3)
+    expected = whole_batch_diagonal(model, x, y, "cross_entropy")
+    got = exact_diagonal(model, x, y, "cross_entropy")
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12 * expected.max())
+    # The packed projection is cut into the query's and the keys' and values' blocks, each read by one linear map.
+    assert generic_entries == []
