@@ -35,7 +35,9 @@ def sync(device: str) -> Callable[[Any], Any]:
     import jax
 
     def wait(out: Any) -> Any:
-        jax.block_until_ready(jax.tree.leaves(out, is_leaf=lambda a: hasattr(a, "value")))
+        # An estimate's arrays are waited for too: a diagonal stays on the device and would otherwise time its launch.
+        leaves = jax.tree.leaves(out, is_leaf=lambda a: hasattr(a, "value"))
+        jax.block_until_ready([(a.value, a.std_error) if hasattr(a, "value") else a for a in leaves])
         return out
 
     return wait
