@@ -369,7 +369,10 @@ def product_on_parts(xp: Any, f: Callable[[Array, Any, Array], Array], w: Array,
     The finiteness of the input's sum comes out with the product, so that
     checking it costs no separate pass over the vector.
     """
-    flat = xp.concat([xp.reshape(p, (-1,)) for p in parts], axis=0) if len(parts) > 1 else xp.reshape(parts[0], (-1,))
+    if len(parts) == 1:  # a flat vector (or a tree of one array): nothing to join or cut
+        out = f(w, batch, xp.reshape(parts[0], (-1,)))
+        return [xp.reshape(out, shape(parts[0]))], xp.isfinite(xp.sum(parts[0]))
+    flat = xp.concat([xp.reshape(p, (-1,)) for p in parts], axis=0)
     out = f(w, batch, flat)
     pieces, start = [], 0
     for p in parts:

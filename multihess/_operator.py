@@ -129,12 +129,29 @@ class CurvatureOperator:
             if out is not None:
                 return out
         flat, as_tree = self._flatten_input(v, check_values=False)
-        # The finiteness test is started before the product and read after it: in frameworks that
-        # dispatch asynchronously (JAX, TF) the product does not wait for a host read first.
-        pending = self._finite_sum(flat)
-        out = self._matvec(flat)
-        self._confirm_finite(pending, [flat], "v")
+        fused = self._fused(flat)
+        if fused is not None:  # one compiled call gives the product and the finiteness of v
+            out, finite = fused
+        else:
+            # The finiteness test is started before the product and read after it: in frameworks that
+            # dispatch asynchronously the product does not wait for a host read first.
+            finite = self._finite_sum(flat)
+            out = self._matvec(flat)
+        self._confirm_finite(finite if self.check_finite else None, [flat], "v")
         return self.rows.to_tree(out) if as_tree else out
+
+    def _fused(self, flat: Array) -> tuple[Array, Array] | None:
+        """``(A v, isfinite(Σ v))`` from one call of the compiled product's ``on_parts``, where there is one."""
+        found = self._parts_product()
+        if found is None or self.rows is not self.cols:
+            return None
+        product, problem = found
+        on_parts = getattr(product, "on_parts", None)
+        if on_parts is None or not problem.one_batch:
+            return None
+        w = self.cols.w
+        pieces, finite = problem.batch_sum(lambda batch: on_parts(w, batch, [flat]))
+        return pieces[0], finite
 
     def _tree_matvec(self, v: Any) -> Any:
         """``A v`` for a parameter tree through the compiled product's ``on_parts`` (see :meth:`Backend.rowwise`).
