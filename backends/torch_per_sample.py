@@ -104,7 +104,6 @@ _EMBEDDING = _existing("nn.functional.embedding")
 # inside under itself instead of treating the whole call as one unrecognized read.
 _COMPOSITES = _existing("nn.functional.multi_head_attention_forward")
 _DISPATCH_CHECKS = ("has_torch_function", "has_torch_function_unary", "has_torch_function_variadic")
-_OPENED: dict[Any, Any] = {}
 
 
 def _opened(func: Any) -> Any:
@@ -113,19 +112,18 @@ def _opened(func: Any) -> Any:
     The composite's first step hands the whole call to the active mode;
     with that check answering no, it runs its body, whose ops (``F.linear``,
     ``F.scaled_dot_product_attention``, ...) reach the mode one by one.  The
-    same code runs, so the outputs are the composite's own.
+    same code runs, so the outputs are the composite's own.  Made at each
+    call (a few µs): the module's names are read as they are now, patched
+    or not.
     """
-    if func not in _OPENED:
-        code = getattr(func, "__code__", None)
-        if code is None or not any(name in code.co_names for name in _DISPATCH_CHECKS):
-            _OPENED[func] = None
-        else:
-            scope = dict(func.__globals__)
-            scope.update({name: (lambda *args, **kwargs: False) for name in _DISPATCH_CHECKS if name in scope})
-            copy = types.FunctionType(code, scope, func.__name__, func.__defaults__, func.__closure__)
-            copy.__kwdefaults__ = func.__kwdefaults__
-            _OPENED[func] = copy
-    return _OPENED[func]
+    code = getattr(func, "__code__", None)
+    if code is None or not any(name in code.co_names for name in _DISPATCH_CHECKS):
+        return None
+    scope = dict(func.__globals__)
+    scope.update({name: (lambda *args, **kwargs: False) for name in _DISPATCH_CHECKS if name in scope})
+    copy = types.FunctionType(code, scope, func.__name__, func.__defaults__, func.__closure__)
+    copy.__kwdefaults__ = func.__kwdefaults__
+    return copy
 
 
 def _bind(names: tuple[str, ...], args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -495,9 +493,10 @@ class _Recorder(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if func in _COMPOSITES and _opened(func) is not None:
+        opened = _opened(func) if func in _COMPOSITES else None
+        if opened is not None:
             with self:  # the mode is off while its handler runs: on again for the composite's inside
-                return _opened(func)(*args, **kwargs)
+                return opened(*args, **kwargs)
         out = func(*args, **kwargs)
         read = [t for t in tree_leaves((args, kwargs)) if self.is_alias(t)]
         if not read:
