@@ -797,10 +797,10 @@ class _Cotangents:
         if batched is not None:
             return self._batched(z, outs, rows) if batched else self._looped(z, outs, rows)
         batched = len(self.times[True]) <= len(self.times[False])
-        _sync(z)
+        synchronize(z)
         start = time.perf_counter()
         result = self._batched(z, outs, rows) if batched else self._looped(z, outs, rows)
-        _sync(z)
+        synchronize(z)
         if self.batched_works or not batched:
             self.times[batched].append((time.perf_counter() - start) / max(rows.shape[0], 1))
         return result
@@ -826,7 +826,7 @@ class _Cotangents:
         return [None if grads[0][i] is None else [g[i] for g in grads] for i in range(len(outs))]
 
 
-def _sync(t: torch.Tensor) -> None:
+def synchronize(t: torch.Tensor) -> None:
     """Wait for the device, so that a timing covers the work and not its launch."""
     if t.device.type == "cuda":
         torch.cuda.synchronize(t.device)

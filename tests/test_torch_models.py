@@ -101,6 +101,20 @@ def test_hvp_matches_finite_differences(name: str) -> None:
     assert np.allclose((H @ (2 * v)).numpy(), 2 * got, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("name", ["lenet", "transformer"])
+def test_products_with_several_rows_agree_whichever_pass_is_timed(name: str) -> None:
+    # The first calls with several rows alternate between the vmapped and the looped backward passes (and
+    # time them); every call, before and after the choice, gives the finite-difference products.
+    model, x, y = _case(name)
+    w0, loss_of = flat_loss(model, x, y, nn.functional.cross_entropy)
+    V = torch.from_numpy(np.random.default_rng(2).standard_normal((3, w0.numel())))
+    expected = np.stack([fd_hvp(loss_of, w0, v) for v in V])
+    H = mh.hessian(model, data=(x, y), loss="cross_entropy")
+    for _ in range(6):
+        got = H.apply_rows(V).numpy()
+        assert np.linalg.norm(got - expected) <= 1e-6 * np.linalg.norm(expected)
+
+
 def test_default_attention_breaks_plain_double_backward() -> None:
     """The reason for the math-attention fallback: fused attention has no second derivative."""
     model, x, y = _case("transformer")
