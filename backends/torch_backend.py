@@ -87,6 +87,10 @@ class _KeptGraph:
             self._key = (w, batch)
         return self._value
 
+    def clear(self) -> None:
+        """Drop the kept graph (built again on the next use)."""
+        self._key, self._value = None, None
+
     def run(self, w: torch.Tensor, batch: Any, use: Callable[[Any], torch.Tensor]) -> torch.Tensor:
         try:
             return use(self.get(w, batch))
@@ -115,33 +119,61 @@ def _grad_rows(outputs: torch.Tensor, inputs: torch.Tensor, rows: torch.Tensor, 
 
 
 class _RowPasses:
-    """:func:`_grad_rows` for several rows by whichever pass is faster: vmapped over the rows, or one per row.
+    """Products with several rows by whichever pass is fastest, found by timing the first calls.
 
-    Neither wins everywhere.  For 10 rows on a 2-core CPU, the vmapped
-    double backward took 21 ms against 25 ms for the loop on the benchmark
-    MLP, but 249 ms against 140 ms on the transformer; where a backward
-    formula has no batching rule (max-pool's double backward) vmap falls
-    back to the loop anyway.  So the first calls with several rows time
-    each pass in turn (per row), and later calls take the faster; both give
-    the same numbers up to rounding.
+    The passes, each giving the same numbers up to rounding:
+
+    - ``"vmap"``: the kept graph's backward pass vmapped over the rows
+      (``is_grads_batched``);
+    - ``"loop"``: one backward pass of the kept graph per row;
+    - ``"func"`` (Hessians): ``torch.func.vjp`` of ``torch.func.grad``, its
+      pullback built once per batch and vmapped over the rows.
+
+    None wins everywhere.  For 10 rows on a 2-core CPU: on the benchmark
+    MLP the vmapped pass took 21 ms and the loop 25 ms; on the transformer
+    249 ms and 140 ms; on LeNet-5 the kept graph's vmap falls back to the
+    loop (max-pool's double backward has no batching rule: 177 ms) where
+    ``torch.func``'s pullback batches (106 ms).  So the first calls with
+    several rows time each pass in turn (per row), and later calls take the
+    fastest.  A pass that fails (fused attention has no double backward under
+    ``torch.func``) drops out; the loop is the reference, and its errors
+    are raised.
     """
 
     TRIALS = 2  # timed calls of each pass before choosing
 
     def __init__(self) -> None:
-        self.times: dict[bool, list[float]] = {True: [], False: []}
+        self.times: dict[str, list[float]] = {}
+        self.broken: set[str] = set()
+        self._names: list[str] = []
 
-    def __call__(self, outputs: torch.Tensor, inputs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        if rows.shape[0] == 1 or not outputs.requires_grad:
-            return _grad_rows(outputs, inputs, rows)
-        if min(len(t) for t in self.times.values()) >= self.TRIALS:
-            return _grad_rows(outputs, inputs, rows, batched=min(self.times[True]) <= min(self.times[False]))
-        batched = len(self.times[True]) <= len(self.times[False])
-        torch_per_sample.synchronize(inputs)
+    def chosen(self) -> str | None:
+        """The fastest pass once every working pass has been timed, else ``None``."""
+        pending = [k for k in self._names if k not in self.broken and len(self.times.get(k, ())) < self.TRIALS]
+        if not self.times or pending:
+            return None
+        return min((k for k in self.times if k not in self.broken), key=lambda k: min(self.times[k]))
+
+    def __call__(self, rows: int, passes: dict[str, Callable[[], torch.Tensor]], like: torch.Tensor) -> torch.Tensor:
+        self._names = list(passes)
+        if rows == 1:
+            return passes["loop"]()  # one row: a plain backward pass
+        best = self.chosen()
+        if best is not None:
+            return passes[best]()
+        live = [k for k in passes if k not in self.broken]
+        name = min(live, key=lambda k: len(self.times.get(k, ())))
+        torch_per_sample.synchronize(like)
         start = time.perf_counter()
-        out = _grad_rows(outputs, inputs, rows, batched=batched)
-        torch_per_sample.synchronize(inputs)
-        self.times[batched].append((time.perf_counter() - start) / rows.shape[0])
+        try:
+            out = passes[name]()
+        except (RuntimeError, NotImplementedError):
+            if name == "loop":
+                raise
+            self.broken.add(name)
+            return self(rows, passes, like)
+        torch_per_sample.synchronize(like)
+        self.times.setdefault(name, []).append((time.perf_counter() - start) / rows)
         return out
 
 
@@ -272,10 +304,23 @@ class TorchBackend(Backend):
                 g = torch.zeros_like(w_leaf)
             return w_leaf, g
 
-        graphs, passes = _KeptGraph(build), _RowPasses()
+        def build_pullback(w_leaf: torch.Tensor, batch: Any) -> Callable[[torch.Tensor], tuple[torch.Tensor]]:
+            gradient = torch.func.grad(lambda p: loss(p, batch))
+            return torch.func.vjp(gradient, w_leaf.detach())[1]
+
+        graphs, pullbacks, passes = _KeptGraph(build), _KeptGraph(build_pullback), _RowPasses()
 
         def hvp(w: Array, batch: Any, V: Array) -> Array:
-            return graphs.run(w, batch, lambda kept: passes(kept[1], kept[0], V))
+            def kept(batched: bool) -> torch.Tensor:
+                return graphs.run(w, batch, lambda k: _grad_rows(k[1], k[0], V, batched=batched))
+
+            def func() -> torch.Tensor:
+                return pullbacks.run(w, batch, lambda pullback: torch.func.vmap(pullback)(V)[0])
+
+            out = passes(V.shape[0], {"vmap": lambda: kept(True), "loop": lambda: kept(False), "func": func}, V)
+            if passes.chosen() not in (None, "func"):
+                pullbacks.clear()  # its graph is not needed: free it
+            return out
 
         return hvp
 
@@ -291,11 +336,17 @@ class TorchBackend(Backend):
         graphs, forward, backward = _KeptGraph(build), _RowPasses(), _RowPasses()
         out = graphs.get(w, x)[1].detach()
 
+        def rows_through(passes: _RowPasses, ends: Callable[[Any], tuple[Any, Any]], R: Array) -> Array:
+            def kept(batched: bool) -> torch.Tensor:
+                return graphs.run(w, x, lambda k: _grad_rows(*ends(k), R, batched=batched))
+
+            return passes(R.shape[0], {"vmap": lambda: kept(True), "loop": lambda: kept(False)}, R)
+
         def jvp_rows(V: Array) -> Array:
-            return graphs.run(w, x, lambda k: forward(k[3], k[2], V))
+            return rows_through(forward, lambda k: (k[3], k[2]), V)
 
         def vjp_rows(U: Array) -> Array:
-            return graphs.run(w, x, lambda k: backward(k[1], k[0], U))
+            return rows_through(backward, lambda k: (k[1], k[0]), U)
 
         return Linearization(
             out,
