@@ -13,7 +13,6 @@ PyTorch's math attention kernel, which is made of differentiable primitives.
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -118,63 +117,13 @@ def _grad_rows(outputs: torch.Tensor, inputs: torch.Tensor, rows: torch.Tensor, 
     return torch.stack([torch.autograd.grad(outputs, inputs, r, retain_graph=True)[0] for r in rows])
 
 
-class _RowPasses:
-    """Products with several rows by whichever pass is fastest, found by timing the first calls.
-
-    The passes, each giving the same numbers up to rounding:
-
-    - ``"vmap"``: the kept graph's backward pass vmapped over the rows
-      (``is_grads_batched``);
-    - ``"loop"``: one backward pass of the kept graph per row;
-    - ``"func"`` (Hessians): ``torch.func.vjp`` of ``torch.func.grad``, its
-      pullback built once per batch and vmapped over the rows.
-
-    None wins everywhere.  For 10 rows on a 2-core CPU: on the benchmark
-    MLP the vmapped pass took 21 ms and the loop 25 ms; on the transformer
-    249 ms and 140 ms; on LeNet-5 the kept graph's vmap falls back to the
-    loop (max-pool's double backward has no batching rule: 177 ms) where
-    ``torch.func``'s pullback batches (106 ms).  So the first calls with
-    several rows time each pass in turn (per row), and later calls take the
-    fastest.  A pass that fails (fused attention has no double backward under
-    ``torch.func``) drops out; the loop is the reference, and its errors
-    are raised.
-    """
-
-    TRIALS = 2  # timed calls of each pass before choosing
-
-    def __init__(self) -> None:
-        self.times: dict[str, list[float]] = {}
-        self.broken: set[str] = set()
-        self._names: list[str] = []
-
-    def chosen(self) -> str | None:
-        """The fastest pass once every working pass has been timed, else ``None``."""
-        pending = [k for k in self._names if k not in self.broken and len(self.times.get(k, ())) < self.TRIALS]
-        if not self.times or pending:
-            return None
-        return min((k for k in self.times if k not in self.broken), key=lambda k: min(self.times[k]))
-
-    def __call__(self, rows: int, passes: dict[str, Callable[[], torch.Tensor]], like: torch.Tensor) -> torch.Tensor:
-        self._names = list(passes)
-        if rows == 1:
-            return passes["loop"]()  # one row: a plain backward pass
-        best = self.chosen()
-        if best is not None:
-            return passes[best]()
-        live = [k for k in passes if k not in self.broken]
-        name = min(live, key=lambda k: len(self.times.get(k, ())))
-        torch_per_sample.synchronize(like)
-        start = time.perf_counter()
-        try:
-            out = passes[name]()
-        except Exception:  # any failure of an alternative (torch.func refuses some models); the loop's is real
-            if name == "loop":
-                raise
-            self.broken.add(name)
-            return self(rows, passes, like)
-        torch_per_sample.synchronize(like)
-        self.times.setdefault(name, []).append((time.perf_counter() - start) / rows)
-        return out
+# Products with several rows take whichever pass is fastest (torch_per_sample.FastestPass): the kept graph's
+# backward pass vmapped over the rows ("vmap"), one backward pass per row ("loop") and, for Hessians,
+# torch.func.vjp of torch.func.grad with the pullback built once per batch and vmapped ("func").  None wins
+# everywhere: for 10 rows on a 2-core CPU, on the benchmark MLP the vmapped pass took 21 ms and the loop 25 ms;
+# on the transformer 249 ms and 140 ms; on LeNet-5 the kept graph's vmap falls back to the loop (max-pool's
+# double backward has no batching rule: 177 ms) where torch.func's pullback batches (106 ms).
+_ROW_TRIALS = 2
 
 
 class TorchBackend(Backend):
@@ -308,7 +257,8 @@ class TorchBackend(Backend):
             gradient = torch.func.grad(lambda p: loss(p, batch))
             return torch.func.vjp(gradient, w_leaf.detach())[1]
 
-        graphs, pullbacks, passes = _KeptGraph(build), _KeptGraph(build_pullback), _RowPasses()
+        graphs, pullbacks = _KeptGraph(build), _KeptGraph(build_pullback)
+        passes = torch_per_sample.FastestPass(("vmap", "loop", "func"), _ROW_TRIALS)
 
         def hvp(w: Array, batch: Any, V: Array) -> Array:
             def kept(batched: bool) -> torch.Tensor:
@@ -333,10 +283,13 @@ class TorchBackend(Backend):
             (jt_dummy,) = torch.autograd.grad(z, w_leaf, dummy, create_graph=True)
             return w_leaf, z, dummy, jt_dummy
 
-        graphs, forward, backward = _KeptGraph(build), _RowPasses(), _RowPasses()
+        graphs = _KeptGraph(build)
+        forward, backward = (torch_per_sample.FastestPass(("vmap", "loop"), _ROW_TRIALS) for _ in range(2))
         out = graphs.get(w, x)[1].detach()
 
-        def rows_through(passes: _RowPasses, ends: Callable[[Any], tuple[Any, Any]], R: Array) -> Array:
+        def rows_through(
+            passes: torch_per_sample.FastestPass, ends: Callable[[Any], tuple[Any, Any]], R: Array
+        ) -> Array:
             def kept(batched: bool) -> torch.Tensor:
                 return graphs.run(w, x, lambda k: _grad_rows(*ends(k), R, batched=batched))
 

@@ -780,50 +780,70 @@ class _Cotangents:
     cotangent and concatenates), the vmapped pass 206 ms against 261 ms on the
     small ResNet and 59 ms against 75 ms on the transformer.  So the first
     calls of one ``squares`` function time each in turn and later calls take
-    the faster; both give the same numbers up to rounding.
+    the faster (:class:`FastestPass`); both give the same numbers up to rounding.
     """
 
-    TRIALS = 3  # timed calls of each pass before choosing: the fastest of three shrugs off a busy machine
-
     def __init__(self) -> None:
-        self.times: dict[bool, list[float]] = {True: [], False: []}
-        self.batched_works = True
+        # The fastest of three trials shrugs off a busy machine.
+        self._passes = FastestPass(("vmap", "loop"), trials=3)
 
     def __call__(self, z: torch.Tensor, outs: list[torch.Tensor], rows: torch.Tensor) -> list[Block | None]:
         """The block of cotangents at each output (``None`` where ``z`` does not depend on it) for ``rows``."""
-        if not self.batched_works:
-            return self._looped(z, outs, rows)
-        batched = self._choice()
-        if batched is not None:
-            return self._batched(z, outs, rows) if batched else self._looped(z, outs, rows)
-        batched = len(self.times[True]) <= len(self.times[False])
-        synchronize(z)
-        start = time.perf_counter()
-        result = self._batched(z, outs, rows) if batched else self._looped(z, outs, rows)
-        synchronize(z)
-        if self.batched_works or not batched:
-            self.times[batched].append((time.perf_counter() - start) / max(rows.shape[0], 1))
-        return result
+        passes = {"vmap": lambda: self._batched(z, outs, rows), "loop": lambda: self._looped(z, outs, rows)}
+        return self._passes(rows.shape[0], passes, z)
 
-    def _choice(self) -> bool | None:
-        if min(len(t) for t in self.times.values()) < self.TRIALS:
-            return None
-        return min(self.times[True]) <= min(self.times[False])
-
-    def _batched(self, z: torch.Tensor, outs: list[torch.Tensor], rows: torch.Tensor) -> list[Block | None]:
-        try:
-            return list(torch.autograd.grad(z, outs, rows, retain_graph=True, is_grads_batched=True, allow_unused=True))
-        except RuntimeError as err:
-            if "vmap" not in str(err) and "not implemented" not in str(err):
-                raise
-        self.batched_works = False
-        return self._looped(z, outs, rows)
+    @staticmethod
+    def _batched(z: torch.Tensor, outs: list[torch.Tensor], rows: torch.Tensor) -> list[Block | None]:
+        return list(torch.autograd.grad(z, outs, rows, retain_graph=True, is_grads_batched=True, allow_unused=True))
 
     @staticmethod
     def _looped(z: torch.Tensor, outs: list[torch.Tensor], rows: torch.Tensor) -> list[Block | None]:
         # Kept as lists: stacking would copy every cotangent once more (9 ms of 80 on LeNet-5).
         grads = [torch.autograd.grad(z, outs, u, retain_graph=True, allow_unused=True) for u in rows]
         return [None if grads[0][i] is None else [g[i] for g in grads] for i in range(len(outs))]
+
+
+class FastestPass:
+    """Which of several passes giving the same numbers (up to rounding) is fastest, found by timing.
+
+    The first calls with several rows run each working pass in turn, timed
+    per row, ``trials`` times; later calls run the fastest.  ``"loop"`` (one
+    backward pass per row) is the reference: a call with one row runs it,
+    and its errors are raised, while any other pass that fails (vmap without
+    a batching rule, ``torch.func`` refusing a model) drops out.
+    """
+
+    def __init__(self, names: Sequence[str], trials: int) -> None:
+        self.names, self.trials = list(names), trials
+        self.times: dict[str, list[float]] = {name: [] for name in self.names}
+        self.broken: set[str] = set()
+
+    def chosen(self) -> str | None:
+        """The fastest pass once every working pass has been timed, else ``None``."""
+        live = [k for k in self.names if k not in self.broken]
+        if any(len(self.times[k]) < self.trials for k in live):
+            return None
+        return min(live, key=lambda k: min(self.times[k]))
+
+    def __call__(self, rows: int, passes: dict[str, Callable[[], Any]], like: torch.Tensor) -> Any:
+        if rows == 1:
+            return passes["loop"]()
+        best = self.chosen()
+        if best is not None:
+            return passes[best]()
+        name = min((k for k in self.names if k not in self.broken), key=lambda k: len(self.times[k]))
+        synchronize(like)
+        start = time.perf_counter()
+        try:
+            out = passes[name]()
+        except Exception:
+            if name == "loop":
+                raise
+            self.broken.add(name)
+            return self(rows, passes, like)
+        synchronize(like)
+        self.times[name].append((time.perf_counter() - start) / rows)
+        return out
 
 
 def synchronize(t: torch.Tensor) -> None:

@@ -76,8 +76,7 @@ def ggn_exact_diagonal(op: CurvatureOperator, budget: int) -> Array:
     """
     problem, _ = ggn_parts(op, "exact")
     b, like = problem.backend, problem.binding.w
-    one_batch = problem.source is not None and problem.source.single is not None and not problem.distributed
-    if not one_batch:
+    if not problem.one_batch:
         return b.asarray(ggn_diagonal_samples(op, "exact", None, 0, budget)[0], like)
     part = _batch_totals(op, "exact", None, 0, budget, on_host=False)
     return b.asarray(part, like) if isinstance(part, np.ndarray) else b.xp.astype(part, like.dtype)

@@ -142,13 +142,10 @@ class CurvatureOperator:
 
     def _fused(self, flat: Array) -> tuple[Array, Array] | None:
         """``(A v, isfinite(Σ v))`` from one call of the compiled product's ``on_parts``, where there is one."""
-        found = self._parts_product()
-        if found is None or self.rows is not self.cols:
+        found = self._compiled_variant("on_parts", one_batch=True)
+        if found is None:
             return None
-        product, problem = found
-        on_parts = getattr(product, "on_parts", None)
-        if on_parts is None or not problem.one_batch:
-            return None
+        on_parts, problem = found
         w = self.cols.w
         pieces, finite = problem.batch_sum(lambda batch: on_parts(w, batch, [flat]))
         return pieces[0], finite
@@ -164,14 +161,11 @@ class CurvatureOperator:
         """
         if hasattr(v, "shape") and hasattr(v, "dtype"):  # a NumPy or foreign array: the flat path's errors
             return None
-        found = self._parts_product()
         binding = self.cols
-        if found is None or binding.parts_of is None or binding.from_parts is None or self.rows is not binding:
+        found = self._compiled_variant("on_parts", one_batch=True)
+        if found is None or binding.parts_of is None or binding.from_parts is None:
             return None
-        product, problem = found
-        on_parts = getattr(product, "on_parts", None)
-        if on_parts is None or not problem.one_batch:
-            return None
+        on_parts, problem = found
         parts = binding.parts_of(v)
         pieces, finite = problem.batch_sum(lambda batch: on_parts(binding.w, batch, parts))
         self._confirm_finite(finite if self.check_finite else None, parts, "v")
@@ -183,15 +177,27 @@ class CurvatureOperator:
         Through the ``forms`` of :meth:`Backend.rowwise`, summed over the
         batches as products are.
         """
+        found = self._compiled_variant("forms")
+        if found is None:
+            return None
+        forms, problem = found
+        w = self.cols.w
+        return problem.batch_sum(lambda batch: forms(w, batch, Z))
+
+    def _compiled_variant(self, name: str, one_batch: bool = False) -> tuple[Callable[..., Any], Any] | None:
+        """``(variant, problem)``: the compiled product's ``name`` variant (see :meth:`Backend.rowwise`), or ``None``.
+
+        ``None`` for operators without such a product, cross blocks, and,
+        with ``one_batch``, data of several batches or processes.
+        """
         found = self._parts_product()
         if found is None or self.rows is not self.cols:
             return None
         product, problem = found
-        forms = getattr(product, "forms", None)
-        if forms is None:
+        variant = getattr(product, name, None)
+        if variant is None or (one_batch and not problem.one_batch):
             return None
-        w = self.cols.w
-        return problem.batch_sum(lambda batch: forms(w, batch, Z))
+        return variant, problem
 
     def _parts_product(self) -> tuple[Callable[..., Any], Any] | None:
         """``(product, problem)`` of an operator whose product comes from :meth:`Backend.rowwise`, else ``None``."""

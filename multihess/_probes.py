@@ -88,12 +88,11 @@ def probe_forms(
     are one call.  Otherwise :func:`probe_reductions`, the same numbers.
     """
     b = op.backend
+    if op._compiled_variant("forms") is None:
+        yield from probe_reductions(op, rng, num, distribution, memory_budget, lambda Z, AZ: b.xp.sum(Z * AZ, axis=1))
+        return
     for start, stop in chunks(num, rows_per_chunk(op, memory_budget)):
-        Z = _sent_payload(op, rng, stop - start, distribution)
-        forms = op._quadratic_forms(Z)
-        if forms is None:
-            Z = b.xp.astype(Z, op.cols.w.dtype)
-            forms = b.xp.sum(widened(b.xp, Z) * widened(b.xp, op._matmat_rows(Z)), axis=1)
+        forms = op._quadratic_forms(_sent_payload(op, rng, stop - start, distribution))
         yield np.asarray(b.to_numpy(forms), dtype=np.float64)
 
 

@@ -101,18 +101,22 @@ def test_hvp_matches_finite_differences(name: str) -> None:
     assert np.allclose((H @ (2 * v)).numpy(), 2 * got, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("name", ["lenet", "transformer"])
-def test_products_with_several_rows_agree_whichever_pass_is_timed(name: str) -> None:
-    # The first calls with several rows alternate between the vmapped and the looped backward passes (and
-    # time them); every call, before and after the choice, gives the finite-difference products.
-    model, x, y = _case(name)
+def check_products_with_several_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -> None:
+    """Six calls with three rows, against finite differences: the timed trials of every pass, then the choice."""
     w0, loss_of = flat_loss(model, x, y, nn.functional.cross_entropy)
-    V = torch.from_numpy(np.random.default_rng(2).standard_normal((3, w0.numel())))
+    V = torch.from_numpy(np.random.default_rng(seed).standard_normal((3, w0.numel())))
     expected = np.stack([fd_hvp(loss_of, w0, v) for v in V])
     H = mh.hessian(model, data=(x, y), loss="cross_entropy")
     for _ in range(6):
         got = H.apply_rows(V).numpy()
         assert np.linalg.norm(got - expected) <= 1e-6 * np.linalg.norm(expected)
+
+
+@pytest.mark.parametrize("name", ["lenet", "transformer"])
+def test_products_with_several_rows_agree_whichever_pass_is_timed(name: str) -> None:
+    # The first calls with several rows run the vmapped, the looped and the torch.func passes in turn (and
+    # time them); every call, before and after the choice, gives the finite-difference products.
+    check_products_with_several_rows(*_case(name), seed=2)
 
 
 class CountingCalls(nn.Module):
@@ -132,13 +136,7 @@ def test_a_model_torch_func_refuses_still_gets_products_with_several_rows() -> N
     # The torch.func pass fails on this model; it drops out of the timing and the others give the products.
     torch.manual_seed(0)
     model, x, y = CountingCalls().double(), torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 2, (6,))
-    w0, loss_of = flat_loss(model, x, y, nn.functional.cross_entropy)
-    V = torch.from_numpy(np.random.default_rng(3).standard_normal((3, w0.numel())))
-    expected = np.stack([fd_hvp(loss_of, w0, v) for v in V])
-    H = mh.hessian(model, data=(x, y), loss="cross_entropy")
-    for _ in range(6):
-        got = H.apply_rows(V).numpy()
-        assert np.linalg.norm(got - expected) <= 1e-6 * np.linalg.norm(expected)
+    check_products_with_several_rows(model, x, y, seed=3)
 
 
 def test_default_attention_breaks_plain_double_backward() -> None:
