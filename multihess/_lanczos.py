@@ -300,10 +300,57 @@ class Rows:
         return total
 
     # -------------------------------------------------------------- Gram-Schmidt
-    def _pass(self, w: Array) -> tuple[Array, Array, Array]:
-        """One classical Gram-Schmidt pass: ``w − QQᵀw``, the coefficient on the newest row and ``‖Qᵀw‖²``."""
-        xp, batch, n = self.device.xp, self.batch, self.n
+    def recent(self, count: int) -> list[Array]:
+        """The last ``count`` rows (or all, if fewer), as :meth:`parts` gives them (copied only to join blocks)."""
+        count = min(count, self.size)
+        if self.device.writable:
+            return [self._buffer[..., self.size - count : self.size, :]]
+        xp, kept, taken = self.device.xp, [], 0
+        for part in reversed(self.parts()):
+            rows = shape(part)[-2]
+            kept.insert(0, part if rows <= count - taken else part[..., rows - (count - taken) :, :])
+            taken += shape(kept[0])[-2]
+            if taken == count:
+                break
+        return kept if len(kept) == 1 else [xp.concat(kept, axis=-2)]
+
+    def _older(self) -> list[Array]:
+        """Every row but the newest, as :meth:`parts` gives them (no copy)."""
+        if self.device.writable:
+            return [self._buffer[..., : self.size - 1, :]] if self.size > 1 else []
         parts = self.parts()
+        last = parts.pop()
+        return parts + ([last[..., :-1, :]] if shape(last)[-2] > 1 else [])
+
+    def reorthogonalize_newest(self) -> None:
+        """Replace the newest row by itself minus its projection on the others (one classical pass).
+
+        Meant for a row already orthogonal to the others up to ``δ ≪ 1``:
+        its norm then moves by ``δ²/2``, below the arithmetic's precision
+        for ``δ ≤ √ε``, so it is not normalized again (which would cost a read).
+        """
+        older = self._older()
+        if not older:
+            return
+        newest = self.recent(1)[0]
+        row, _, _ = self._pass(newest, older)
+        if self.device.writable:
+            self._buffer[..., self.size - 1 : self.size, :] = row
+            return
+        xp = self.device.xp
+        holder = self._tail if self._tail is not None else self._frozen[-1]
+        replaced = row if shape(holder)[-2] == 1 else xp.concat([holder[..., :-1, :], row], axis=-2)
+        if self._tail is not None:
+            self._tail = replaced
+        else:
+            self._frozen[-1] = replaced
+
+    def _pass(self, w: Array, parts: list[Array]) -> tuple[Array, Array, Array]:
+        """One classical Gram-Schmidt pass: ``w − QQᵀw``, the coefficient on the last row of ``Q`` and ``‖Qᵀw‖²``.
+
+        ``Q`` is the rows in ``parts`` (:meth:`parts`, or some of them).
+        """
+        xp, batch, n = self.device.xp, self.batch, self.n
         column = xp.reshape(w, (*batch, n, 1))
         coefs = [xp.matmul(part, column) for part in parts]  # w → Qᵀw, block by block
         out = None
@@ -321,9 +368,9 @@ class Rows:
         return out, coefs[-1][..., -1, 0], removed
 
     def orthogonalize(
-        self, w: Array, active: np.ndarray | None = None
+        self, w: Array, active: np.ndarray | None = None, recent: int | None = None
     ) -> tuple[Array, np.ndarray, np.ndarray, np.ndarray]:
-        """``w`` minus its projection on the rows, by classical Gram-Schmidt, once or twice.
+        """``w`` minus its projection on the rows (or the last ``recent``), by classical Gram-Schmidt, once or twice.
 
         Returns the new ``w``, the coefficient on the newest row (both passes
         together) and the norms of ``w`` before and after, as host float64
@@ -337,13 +384,14 @@ class Rows:
         a few ε) for any entry of the batch that is ``active`` (all when ``None``).
         """
         xp = self.device.xp
-        w, last_d, removed_d = self._pass(w)
+        parts = self.parts() if recent is None else self.recent(recent)
+        w, last_d, removed_d = self._pass(w, parts)
         after2, removed, last = self.device.read(_squares(xp, w), removed_d, last_d)
         after2 = after2.reshape(self.batch)
         after, before = np.sqrt(after2), np.sqrt(after2 + removed.reshape(self.batch))
         needs = after <= _REPEAT_BELOW * before
         if np.any(needs if active is None else needs & active):
-            w, last2_d, _ = self._pass(w)
+            w, last2_d, _ = self._pass(w, parts)
             after2, last2 = self.device.read(_squares(xp, w), last2_d)
             after, last = np.sqrt(after2.reshape(self.batch)), last + last2
         return w, last, before, after
@@ -377,7 +425,86 @@ def _fresh_direction(basis: Rows, draw: RandomVector) -> Array | None:
 
 
 # ----------------------------------------------------------------------
-# Lanczos with full reorthogonalization, for extreme eigenpairs
+# How far from orthogonal the Lanczos vectors drift: Simon's recurrence
+# ----------------------------------------------------------------------
+class Semiorthogonality:
+    """Bounds on ``|q_{j+1}ᵀ q_k|`` for the Lanczos vectors, from ``α`` and ``β`` alone (Simon's ω recurrence).
+
+    Reorthogonalizing every new vector against the whole basis reads the
+    basis twice per step, ``2 m n`` numbers at step ``m``: with products as
+    cheap as a small network's on a CPU, that costs more than the products.
+    Yet the tridiagonal matrix's eigenvalues are those of ``A`` on the
+    Krylov space, to the products' precision, as long as the basis stays
+    *semi-orthogonal*, every ``|q_iᵀ q_k| ≤ √ε`` (Simon 1984, "The Lanczos
+    algorithm with partial reorthogonalization", Math. Comp. 42).  The
+    Lanczos recurrence itself says how the inner products grow:
+
+    ``β_j ω_{j+1,k} = β_k ω_{j,k+1} + (α_k − α_j) ω_{j,k} + β_{k−1} ω_{j,k−1} − β_{j−1} ω_{j−1,k}``
+
+    plus the rounding of one step, ``ε ‖A‖`` (taken with the sign that makes
+    the bound grow).  So each new vector is orthogonalized against the last
+    two only, these bounds are updated on the host (``O(j)`` numbers), and
+    a vector is reorthogonalized against the whole basis when a bound
+    passes ``√ε``.  The current vector is then reorthogonalized too, as
+    Simon prescribes: the recurrence carries its error into every later
+    vector, and resetting only the new vector's bounds would hide it.
+
+    Parameters
+    ----------
+    eps : float
+        The relative precision of the products and of the arithmetic (the coarser).
+
+    Examples
+    --------
+    On the identity, Lanczos meets no rounding that grows: the bounds stay at ``ε``.
+
+    >>> omega = Semiorthogonality(eps=1e-16)
+    >>> omega.bound([1.0], [], b=1.0, scale=1.0)
+    0.0
+    >>> omega.accept(reorthogonalized=False)
+    >>> omega.bound([1.0, 1.0], [1.0], b=1.0, scale=1.0) <= 1e-15
+    True
+    """
+
+    def __init__(self, eps: float) -> None:
+        self.eps = eps
+        self.limit = float(np.sqrt(eps))
+        self._current = np.ones(1)  # ω_{j,k} for k = 0..j (ω_{j,j} = 1)
+        self._previous = np.zeros(0)  # ω_{j−1,k} for k = 0..j−1
+        self._next: np.ndarray | None = None
+
+    def bound(self, alpha: list[float], beta: list[float], b: float, scale: float) -> float:
+        """The largest bound on ``|q_{j+1}ᵀ q_k|``, ``k < j``, for ``q_{j+1} = w / b`` (``j = len(beta)``)."""
+        j = len(beta)
+        a, bt, cur = np.asarray(alpha, dtype=np.float64), np.asarray(beta, dtype=np.float64), self._current
+        t = (a[:j] - a[j]) * cur[:j] + bt * cur[1 : j + 1]
+        t[1:] += bt[: j - 1] * cur[: j - 1]
+        if j:
+            t -= bt[j - 1] * self._previous[:j]
+        noise = self.eps * scale
+        new = np.empty(j + 2)
+        new[:j] = (t + np.where(t < 0, -noise, noise)) / b
+        new[max(j - 1, 0) : j + 1] = noise / b  # what one pass against q_{j−1} and q_j leaves
+        new[j + 1] = 1.0
+        self._next = new
+        return float(np.max(np.abs(new[:j]), initial=0.0))
+
+    def accept(self, reorthogonalized: bool) -> None:
+        """Move on to the vector whose bounds :meth:`bound` gave.
+
+        ``reorthogonalized``: that vector and the current one were both
+        orthogonalized against the whole basis, so both bounds start again from ``ε``.
+        """
+        new = self._next
+        if reorthogonalized:
+            new, current = np.full(len(self._current) + 1, self.eps), np.full(len(self._current), self.eps)
+            new[-1] = current[-1] = 1.0
+            self._current = current
+        self._previous, self._current, self._next = self._current, new, None
+
+
+# ----------------------------------------------------------------------
+# Lanczos with partial reorthogonalization, for extreme eigenpairs
 # ----------------------------------------------------------------------
 @dataclass
 class LanczosResult:
@@ -436,8 +563,12 @@ def lanczos_extreme(
     when the current block cannot change the ``k`` wanted values (see
     :func:`_later_block_done`).
 
-    Each step is one product, one or two Gram-Schmidt passes on the device
-    and one host read of three scalars per pass.
+    Each step is one product, one or two Gram-Schmidt passes against the
+    last two Lanczos vectors on the device and one host read of three
+    scalars per pass.  When :class:`Semiorthogonality` says rounding has
+    grown past ``√ε``, the newest vector and the next are orthogonalized
+    against the whole basis as well (once or twice, a read each); after a
+    breakdown every step is.
     """
     device = apply.device
     basis = Rows(device, (), n, min(max_steps, _INITIAL_ROWS))
@@ -451,14 +582,25 @@ def lanczos_extreme(
     scale = 0.0
     block_start = 0  # first index of the current invariant-subspace block
     reachable = tol >= resolution
+    omega: Semiorthogonality | None = Semiorthogonality(apply.eps)  # None: every step fully (after a breakdown)
     while True:
         w = apply(q)  # v → Av
-        # Minus its projection on every Lanczos vector: the last coefficient is the recurrence's α_j
-        # (β_{j-1} is among the others); the rest is rounding that full reorthogonalization removes.
-        w, last, norm_aq, b = basis.orthogonalize(w)
-        b = float(b)
+        # Minus its projection on the last two Lanczos vectors: the last coefficient is the recurrence's α_j,
+        # the other β_{j-1}.  The rest of the basis is left to partial reorthogonalization.
+        w, last, norm_aq, b = basis.orthogonalize(w, recent=None if omega is None else 2)
+        b, last = float(b), float(last)
         scale = max(scale, float(norm_aq))
-        alpha.append(float(last))
+        if omega is not None:
+            full = b <= breakdown * scale or omega.bound([*alpha, last], beta, b, scale) > omega.limit
+            if full:
+                # Rounding has grown past √ε (or the recurrence breaks down, which only a residual orthogonal
+                # to everything can tell): q_j and w, minus their projections on every earlier Lanczos vector.
+                basis.reorthogonalize_newest()
+                w, more, _, b = basis.orthogonalize(w)
+                b, last = float(b), last + float(more)
+            if b > 0.0:
+                omega.accept(full)
+        alpha.append(last)
         m = basis.size
         exhausted = m == n
         broke = b <= breakdown * scale
@@ -488,6 +630,7 @@ def lanczos_extreme(
                 residuals, converged = np.zeros(m), reachable
                 break
             block_start = m
+            omega = None  # the later blocks keep the whole basis orthogonal at every step
             beta.append(0.0)
             q = fresh
             basis.append(q)

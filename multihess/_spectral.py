@@ -71,7 +71,7 @@ def eigvalsh(
         ``"magnitude"``: the ``k`` of largest absolute value, by descending
         absolute value.
     method : {"lanczos", "power"}
-        ``"lanczos"``: Lanczos with full reorthogonalization, without
+        ``"lanczos"``: Lanczos with partial reorthogonalization, without
         restarts (the default; a few tens of products for well separated top
         eigenvalues).  ``"power"``: power iteration with deflation, slower,
         for comparison.
@@ -117,9 +117,13 @@ def eigvalsh(
     -----
     Everything of length ``n`` stays on the parameters' device: each step is
     one product ``op._matmat_rows`` with one vector in the operator's dtype,
-    and the Krylov basis (``steps · n`` numbers) is kept and every new vector
-    reorthogonalized against all of it there, in float64 where the device
-    has it (float32 otherwise: JAX without ``jax_enable_x64``, Apple's MPS).
+    and the Krylov basis (``steps · n`` numbers) is kept there, in float64
+    where the device has it (float32 otherwise: JAX without
+    ``jax_enable_x64``, Apple's MPS).  Each new vector is orthogonalized
+    against the last two, and against all of the basis only when Simon's
+    recurrence says that rounding has grown past ``√ε`` (partial
+    reorthogonalization): the basis stays orthogonal to ``√ε``, which keeps
+    the Ritz values as accurate as the products.
     Per step, a few scalars come back to the host, where the small
     tridiagonal eigenproblems are solved in float64.  Lanczos from one starting
     vector sees each distinct eigenvalue once while its Krylov space grows:

@@ -296,6 +296,97 @@ def test_repeated_eigenvalues_across_many_restarts(framework: str) -> None:
 
 
 # ----------------------------------------------------------------------
+# Partial reorthogonalization keeps the basis semi-orthogonal
+# ----------------------------------------------------------------------
+def lanczos_basis(op: mh.CurvatureOperator, steps: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Ritz values and the Lanczos basis (rows, in float64 on the host) of all ``steps`` steps.
+
+    The tolerance is below the resolution, so no convergence ends the run early.
+    """
+    apply = _lanczos.DeviceOperator(op)
+    n = op.shape[0]
+    rng = np.random.default_rng(seed)
+    result = _lanczos.lanczos_extreme(
+        apply, n, 3, "largest", steps, 1e-300, 1e-300, lambda: rng.standard_normal(n), resolution=1.0
+    )
+    Q = np.concatenate([np.asarray(op.backend.to_numpy(part), dtype=np.float64) for part in result.basis.parts()])
+    return np.sort(result.values)[::-1], Q
+
+
+def full_passes(monkeypatch) -> list[int]:
+    """Counts the Gram-Schmidt passes against the whole basis (``recent=None``), by basis size."""
+    passes: list[int] = []
+    orthogonalize = _lanczos.Rows.orthogonalize
+
+    def counted(self, w, active=None, recent=None):
+        if recent is None:
+            passes.append(self.size)
+        return orthogonalize(self, w, active, recent)
+
+    monkeypatch.setattr(_lanczos.Rows, "orthogonalize", counted)
+    return passes
+
+
+@pytest.mark.parametrize(
+    ("framework", "dtype"), [("torch", "float64"), ("torch", "float32"), ("jax", "float32"), ("tensorflow", "float64")]
+)
+def test_partial_reorthogonalization_keeps_the_basis_semi_orthogonal(monkeypatch, framework: str, dtype: str) -> None:
+    # Three outliers above a bulk: their Ritz values converge within a few steps, after which plain
+    # Lanczos loses orthogonality completely (checked below) and finds spurious copies of them.
+    spectrum = np.r_[10.0, 9.9, 9.8, np.random.default_rng(1).uniform(-1.0, 1.0, 400)]
+    op = framework_quadratic(spectrum_matrix(spectrum, seed=3), framework, dtype)
+    eps = _lanczos.DeviceOperator(op).eps
+    steps = 80
+    passes = full_passes(monkeypatch)
+    values, Q = lanczos_basis(op, steps)
+    assert Q.shape == (steps, op.shape[0])
+    assert np.max(np.abs(Q @ Q.T - np.eye(steps))) <= np.sqrt(eps)
+    # The Ritz values are A's to the products' precision (float64 oracle: the chosen spectrum).
+    np.testing.assert_allclose(values[:3], [10.0, 9.9, 9.8], rtol=0, atol=100 * eps * 10.0)
+    assert values[3] <= spectrum[3:].max() + 100 * eps * 10.0  # no spurious copies of the outliers
+    # Reorthogonalizing only when the bounds call for it: a fraction of the steps go over the whole basis.
+    assert 0 < len(passes) <= steps // 3, passes
+
+    # Without any reorthogonalization the same run is far from orthogonal: the check above can fail.
+    monkeypatch.setattr(_lanczos.Semiorthogonality, "bound", lambda self, *args, **kwargs: 0.0)
+    monkeypatch.setattr(_lanczos.Semiorthogonality, "accept", lambda self, reorthogonalized: None)
+    _, Q_plain = lanczos_basis(op, steps)
+    assert np.max(np.abs(Q_plain @ Q_plain.T - np.eye(steps))) > 0.1
+
+
+def test_semiorthogonality_bounds_the_inner_products() -> None:
+    # The bounds, recomputed from the very α and β of a run without reorthogonalization, against the
+    # inner products measured on its basis: a bound that underestimates would let rounding through.
+    spectrum = np.r_[10.0, 9.9, np.linspace(-1.0, 1.0, 200)]
+    A = spectrum_matrix(spectrum, seed=4)
+    n, steps = A.shape[0], 40
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal(n)
+    Q, alpha, beta = [q / np.linalg.norm(q)], [], []
+    omega = _lanczos.Semiorthogonality(float(np.finfo(np.float64).eps))
+    checked: list[int] = []
+    for j in range(steps):
+        w = A @ Q[-1] - (beta[-1] * Q[-2] if beta else 0.0)
+        alpha.append(float(Q[-1] @ w))
+        w = w - alpha[-1] * Q[-1]
+        for recent in Q[-2:]:  # what is left on the last two vectors, as the local pass removes it
+            w -= (recent @ w) * recent
+        b = float(np.linalg.norm(w))
+        bound = omega.bound(alpha, beta, b, scale=10.0)
+        omega.accept(reorthogonalized=False)
+        older = np.array(Q[:-2]).reshape(-1, n)  # the vectors the local pass left alone
+        measured = np.max(np.abs(older @ (w / b)), initial=0.0)
+        if measured > 1e-2:  # orthogonality is lost: the recurrence no longer models anything
+            break
+        if measured > 1e-12:  # above rounding: a bound, and not so loose that it reorthogonalizes for nothing
+            assert measured <= bound <= 1e3 * measured, (j, bound, measured)
+            checked.append(j)
+        beta.append(b)
+        Q.append(w / b)
+    assert len(checked) >= 5, checked  # the loss of orthogonality went through that range
+
+
+# ----------------------------------------------------------------------
 # The float32 accumulation path
 # ----------------------------------------------------------------------
 def test_float32_accumulation_in_torch(monkeypatch) -> None:
