@@ -26,14 +26,12 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from harness import Bench, as_numpy, estimate
+from harness import Bench, as_numpy, estimate, top_eigenvalue_rows
 from models import Model, tf_models
 
 import multihess as mh
 
 PROBES = 10
-STEPS = 20
-CONVERGED_STEPS = 150
 
 
 def models(scale: str, device: str) -> dict[str, Model]:
@@ -217,19 +215,7 @@ def _run(name: str, spec: Model, bench: Bench) -> None:
     bench.add("ggn_trace", "multihess", "mh.trace(G, method='exact')", lambda: mh.trace(G, method="exact"), estimate)
 
     # --- top eigenvalue, checked against Lanczos run to convergence
-    try:
-        top = mh.eigvalsh(H, k=1, which="magnitude", num_iterations=CONVERGED_STEPS)
-        bench.reference("eigen", as_numpy(top).reshape(-1)[:1], source="mh.eigvalsh to convergence")
-    except Exception:
-        pass
-    bench.add(
-        "eigen",
-        "multihess",
-        f"mh.eigvalsh(H, k=1, which='magnitude'), {STEPS} Lanczos steps",
-        lambda: mh.eigvalsh(H, k=1, which="magnitude", num_iterations=STEPS, tol=1e-30),
-        lambda out: np.asarray(out).reshape(-1)[:1],
-        tol=0.01,
-    )
+    top_eigenvalue_rows(bench, H)
 
     # --- dense Hessian of the last layer's block
     head_vars = spec.head.trainable_variables

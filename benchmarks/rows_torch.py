@@ -25,17 +25,12 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from harness import Bench, as_numpy, describe, estimate
+from harness import EIGEN_RTOL, EIGEN_TOL, STEPS, Bench, as_numpy, describe, estimate, top_eigenvalue_rows
 from models import Model, torch_models
 
 import multihess as mh
 
 PROBES = 10
-STEPS = 20
-CONVERGED_STEPS = 150
-# Twenty Lanczos steps or power iterations, checked against Lanczos run to convergence:
-# "unconverged" beyond 1 %.
-EIGEN_TOL = 0.01
 
 
 def models(scale: str, device: str) -> dict[str, Model]:
@@ -232,19 +227,7 @@ def run(name: str, spec: Model, bench: Bench) -> None:
     backpack_rows(model, x, y, names, bench)
 
     # --- top eigenvalue, checked against Lanczos run to convergence
-    try:
-        top = mh.eigvalsh(H, k=1, which="magnitude", num_iterations=CONVERGED_STEPS)
-        bench.reference("eigen", as_numpy(top).reshape(-1)[:1], source="mh.eigvalsh to convergence")
-    except Exception:
-        pass
-    bench.add(
-        "eigen",
-        "multihess",
-        f"mh.eigvalsh(H, k=1, which='magnitude'), {STEPS} Lanczos steps",
-        lambda: mh.eigvalsh(H, k=1, which="magnitude", num_iterations=STEPS, tol=1e-30),
-        lambda out: np.asarray(out).reshape(-1)[:1],
-        tol=EIGEN_TOL,
-    )
+    top_eigenvalue_rows(bench, H)
 
     # --- dense Hessian of the last layer's block
     head = {k: params[k] for k in spec.head}
@@ -353,7 +336,8 @@ def peer_rows(name: str, model: Any, x: Any, y: Any, v: Any, Z: Any, bench: Benc
         try:
             comp = pyhessian_hessian(model, torch.nn.functional.cross_entropy, data=(x, y), cuda=x.is_cuda)
         except Exception as err:  # the fused-attention transformer fails here
-            for q, what in (("hvp", "HVP"), ("trace", "trace"), ("eigen", "top eigenvalue")):
+            failed = [("hvp", "HVP"), ("trace", "trace"), ("eigen", "top eigenvalue"), ("eigen_tol", "top eigenvalue")]
+            for q, what in failed:
                 bench.fail(q, "PyHessian", what, describe(err))
         else:
             bench.add(
@@ -383,6 +367,14 @@ def peer_rows(name: str, model: Any, x: Any, y: Any, v: Any, Z: Any, bench: Benc
                 lambda: comp.eigenvalues(maxIter=STEPS, tol=0.0)[0],
                 lambda e: np.asarray(e[:1], np.float64),
                 tol=EIGEN_TOL,
+            )
+            bench.add(
+                "eigen_tol",
+                "PyHessian",
+                f"eigenvalues(maxIter=100, tol={EIGEN_RTOL:g}), its defaults",
+                lambda: comp.eigenvalues(maxIter=100, tol=EIGEN_RTOL)[0],
+                lambda e: np.asarray(e[:1], np.float64),
+                tol=EIGEN_RTOL,
             )
             del comp
     if importlib.util.find_spec("curvlinops") is not None:
