@@ -504,39 +504,49 @@ class Semiorthogonality:
     True
     """
 
-    def __init__(self, eps: float) -> None:
+    def __init__(self, eps: float, batch: tuple[int, ...] = ()) -> None:
         self.eps = eps
         self.limit = float(np.sqrt(eps))
-        self._current = np.ones(1)  # ω_{j,k} for k = 0..j (ω_{j,j} = 1)
-        self._previous = np.zeros(0)  # ω_{j−1,k} for k = 0..j−1
+        self._current = np.ones((*batch, 1))  # ω_{j,k} for k = 0..j (ω_{j,j} = 1), per basis of the batch
+        self._previous = np.zeros((*batch, 0))  # ω_{j−1,k} for k = 0..j−1
         self._next: np.ndarray | None = None
 
-    def bound(self, alpha: list[float], beta: list[float], b: float, scale: float) -> float:
-        """The largest bound on ``|q_{j+1}ᵀ q_k|``, ``k < j``, for ``q_{j+1} = w / b`` (``j = len(beta)``)."""
-        j = len(beta)
+    def bound(self, alpha: Any, beta: Any, b: Any, scale: Any) -> Any:
+        """The largest bound on ``|q_{j+1}ᵀ q_k|``, ``k < j``, for ``q_{j+1} = w / b`` (``j = len(beta)``).
+
+        ``alpha`` (``j + 1`` values) and ``beta`` (``j``) run along the last
+        axis; a batch of bases puts its shape before it, and ``b`` and
+        ``scale`` have that shape.  Answers a float, or an array of the batch shape.
+        """
         a, bt, cur = np.asarray(alpha, dtype=np.float64), np.asarray(beta, dtype=np.float64), self._current
-        t = (a[:j] - a[j]) * cur[:j] + bt * cur[1 : j + 1]
-        t[1:] += bt[: j - 1] * cur[: j - 1]
+        j = bt.shape[-1]
+        b = np.asarray(b, dtype=np.float64)[..., None]
+        noise = self.eps * np.asarray(scale, dtype=np.float64)[..., None]
+        t = (a[..., :j] - a[..., j : j + 1]) * cur[..., :j] + bt * cur[..., 1 : j + 1]
+        t[..., 1:] += bt[..., : j - 1] * cur[..., : j - 1]
         if j:
-            t -= bt[j - 1] * self._previous[:j]
-        noise = self.eps * scale
-        new = np.empty(j + 2)
-        new[:j] = (t + np.where(t < 0, -noise, noise)) / b
-        new[max(j - 1, 0) : j + 1] = noise / b  # what one pass against q_{j−1} and q_j leaves
-        new[j + 1] = 1.0
+            t -= bt[..., j - 1 : j] * self._previous[..., :j]
+        new = np.empty((*cur.shape[:-1], j + 2))
+        with np.errstate(divide="ignore", invalid="ignore"):  # b = 0: a breakdown, reorthogonalized anyway
+            new[..., :j] = (t + np.where(t < 0, -noise, noise)) / b
+            new[..., max(j - 1, 0) : j + 1] = noise / b  # what one pass against q_{j−1} and q_j leaves
+        new[..., j + 1] = 1.0
         self._next = new
-        return float(np.max(np.abs(new[:j]), initial=0.0))
+        worst = np.max(np.abs(new[..., :j]), axis=-1, initial=0.0)
+        return float(worst) if worst.ndim == 0 else worst
 
     def accept(self, reorthogonalized: bool) -> None:
         """Move on to the vector whose bounds :meth:`bound` gave.
 
         ``reorthogonalized``: that vector and the current one were both
-        orthogonalized against the whole basis, so both bounds start again from ``ε``.
+        orthogonalized against the whole basis (every basis of a batch), so
+        both bounds start again from ``ε``.
         """
         new = self._next
         if reorthogonalized:
-            new, current = np.full(len(self._current) + 1, self.eps), np.full(len(self._current), self.eps)
-            new[-1] = current[-1] = 1.0
+            dims = self._current.shape
+            new, current = np.full((*dims[:-1], dims[-1] + 1), self.eps), np.full(dims, self.eps)
+            new[..., -1] = current[..., -1] = 1.0
             self._current = current
         self._previous, self._current, self._next = self._current, new, None
 
@@ -723,8 +733,9 @@ def lanczos_quadrature(
     """Gauss quadrature nodes and weights of ``vᵀ f(A) v`` for each starting row ``v``.
 
     All starting vectors advance together, one batched product per step; each
-    has its own basis and is fully reorthogonalized against it, all on the
-    device (the starts, drawn on the host, are sent once).  When a start's
+    has its own basis, against which it is kept semi-orthogonal as in
+    :func:`lanczos_extreme` (a full pass for every start when any needs
+    one), all on the device (the starts, drawn on the host, are sent once).  When a start's
     Krylov space becomes invariant after ``m < num_steps`` steps its
     ``m``-point rule is already exact: it stops there (its row still rides
     along in the batched product, so the product keeps one shape), and the
@@ -746,13 +757,21 @@ def lanczos_quadrature(
     steps = np.zeros(p, dtype=int)
     active = np.ones(p, dtype=bool)
     scale = np.zeros(p)
+    omega = Semiorthogonality(apply.eps, (p,))
     Q = device.send(starts / norms[:, None])  # (p, n): one transfer for all starts
     for j in range(num_steps):
         bases.append(xp.reshape(Q, (p, 1, n)))
         W = xp.reshape(apply(Q), (p, 1, n))  # v → Av for every start at once
-        # Minus each start's projection on its own Lanczos vectors (the last coefficient is α_j).
-        W, a, norm_aq, b = bases.orthogonalize(W, active)
+        # Minus each start's projection on its last two Lanczos vectors (the last coefficient is α_j).
+        W, a, norm_aq, b = bases.orthogonalize(W, active, recent=2)
         scale = np.maximum(scale, norm_aq)
+        bounds = omega.bound(np.concatenate([alpha[:, :j], a[:, None]], axis=1), beta[:, :j], b, scale)
+        full = bool(np.any(active & ((b <= breakdown * scale) | (bounds > omega.limit))))
+        if full:  # as in lanczos_extreme, for every start at once
+            bases.reorthogonalize_newest()
+            W, more, _, b = bases.orthogonalize(W, active)
+            a = a + more
+        omega.accept(full)
         alpha[active, j] = a[active]
         steps[active] = j + 1
         active &= b > breakdown * scale

@@ -260,7 +260,7 @@ def spectral_density(
     """The eigenvalue density of a symmetric operator by stochastic Lanczos quadrature.
 
     For ``num_probes`` random Rademacher vectors ``v`` (normalized), Lanczos
-    with full reorthogonalization builds an ``m``-point Gauss quadrature rule
+    with partial reorthogonalization builds an ``m``-point Gauss quadrature rule
     for ``vᵀ f(A) v``; averaged over the probes it estimates
     ``tr f(A) / n = ∫ f(λ) ρ(λ) dλ`` (Ubaru, Chen and Saad 2017; for Hessians,
     Ghorbani, Krishnan and Xiao 2019).  The density is the average rule with

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
@@ -360,6 +360,39 @@ def test_partial_reorthogonalization_keeps_the_basis_semi_orthogonal(monkeypatch
     monkeypatch.setattr(_lanczos.Semiorthogonality, "accept", lambda self, reorthogonalized: None)
     _, Q_plain = lanczos_basis(op, steps)
     assert np.max(np.abs(Q_plain @ Q_plain.T - np.eye(steps))) > 0.1
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_quadrature_keeps_every_basis_semi_orthogonal(monkeypatch, framework: str) -> None:
+    spectrum = np.r_[10.0, 9.9, 9.8, np.random.default_rng(1).uniform(-1.0, 1.0, 400)]
+    op = framework_quadratic(spectrum_matrix(spectrum, seed=3), framework, "float32")
+    apply = _lanczos.DeviceOperator(op)
+    made = []
+    monkeypatch.setattr(_lanczos.Rows, "__init__", keep_made(made, _lanczos.Rows.__init__))
+    passes = full_passes(monkeypatch)
+    steps, p = 60, 3
+    starts = np.random.default_rng(0).choice([-1.0, 1.0], size=(p, op.shape[0]))
+    nodes, weights = _lanczos.lanczos_quadrature(apply, starts, steps, breakdown=1e-300)
+    (basis,) = made
+    Q = np.concatenate([np.asarray(op.backend.to_numpy(part), dtype=np.float64) for part in basis.parts()], axis=1)
+    assert Q.shape == (p, steps, op.shape[0])
+    for i in range(p):
+        assert np.max(np.abs(Q[i] @ Q[i].T - np.eye(steps))) <= np.sqrt(apply.eps), i
+        # Each outlier once among the nodes (a lost orthogonality repeats them), to the products' precision.
+        outliers = np.sort(nodes[i][nodes[i] > 5.0])[::-1]
+        np.testing.assert_allclose(outliers, [10.0, 9.9, 9.8], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(weights.sum(axis=1), np.sum(starts**2, axis=1), rtol=1e-10)
+    assert 0 < len(passes) <= steps // 3, passes
+
+
+def keep_made(made: list, init_rows: Callable[..., None]) -> Callable[..., None]:
+    """``Rows.__init__`` (passed as ``init_rows``), recording every instance in ``made``."""
+
+    def init(self, *args, **kwargs) -> None:
+        init_rows(self, *args, **kwargs)
+        made.append(self)
+
+    return init
 
 
 def test_semiorthogonality_bounds_the_inner_products() -> None:
