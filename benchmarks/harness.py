@@ -35,6 +35,7 @@ QUANTITIES = {
     "ggn_trace": "exact GGN trace",
     "eigen": "top eigenvalue, 20 iterations",
     "eigen_tol": "top eigenvalue to 1e-3",
+    "density": "spectral density, 2 probes × 20 steps",
     "dense": "dense Hessian, last-layer block",
     "build": "operator build + first HVP",
 }
@@ -250,7 +251,8 @@ class Bench:
         rel = float(np.linalg.norm(got - ref.value)) / max(scale, 1e-30)
         if rel <= tol:
             return f"ok (rel {rel:.0e})"
-        return f"{'unconverged' if quantity.startswith('eigen') else 'MISMATCH'} (rel {rel:.0e})"
+        unconverged = quantity.startswith("eigen") or quantity == "density"
+        return f"{'unconverged' if unconverged else 'MISMATCH'} (rel {rel:.0e})"
 
     def _emit(self, row: Row) -> None:
         self.rows.append(row)
@@ -302,6 +304,18 @@ EIGEN_TOL = 0.01
 EIGEN_RTOL = 1e-3
 """The accuracy the ``eigen_tol`` rows ask for: PyHessian's default ``tol``."""
 
+DENSITY_PROBES = 2
+"""Starting vectors of the spectral density rows (``STEPS`` Lanczos steps each)."""
+
+DENSITY_TOL = 0.05
+"""The density's largest node in magnitude against the converged top eigenvalue: "unconverged" beyond 5 %."""
+
+
+def top_node(nodes: Any) -> np.ndarray:
+    """The quadrature node of largest magnitude (the density's top Ritz value), as a 1-entry array."""
+    flat = np.concatenate([np.ravel(np.asarray(n, dtype=np.float64)) for n in nodes])
+    return flat[np.argmax(np.abs(flat))][None]
+
 
 def top_eigenvalue_rows(bench: Bench, H: Any) -> None:
     """The top eigenvalue by ``mh.eigvalsh``: 20 Lanczos steps, and to a tolerance, against a converged reference."""
@@ -309,7 +323,7 @@ def top_eigenvalue_rows(bench: Bench, H: Any) -> None:
 
     try:
         top = mh.eigvalsh(H, k=1, which="magnitude", num_iterations=CONVERGED_STEPS)
-        for quantity in ("eigen", "eigen_tol"):
+        for quantity in ("eigen", "eigen_tol", "density"):
             bench.reference(quantity, as_numpy(top).reshape(-1)[:1], source="mh.eigvalsh to convergence")
     except Exception:
         pass
@@ -329,4 +343,12 @@ def top_eigenvalue_rows(bench: Bench, H: Any) -> None:
         lambda: mh.eigvalsh(H, k=1, which="magnitude", tol=EIGEN_RTOL),
         lambda out: np.asarray(out).reshape(-1)[:1],
         tol=EIGEN_RTOL,
+    )
+    bench.add(
+        "density",
+        "multihess",
+        f"mh.spectral_density(H, num_probes={DENSITY_PROBES}, num_steps={STEPS})",
+        lambda: mh.spectral_density(H, num_probes=DENSITY_PROBES, num_steps=STEPS),
+        lambda out: top_node(out.nodes),
+        tol=DENSITY_TOL,
     )

@@ -193,7 +193,7 @@ def markdown(rows: list[Row], meta: dict, best: dict) -> str:
 
 def summary(rows: list[Row], best: dict) -> list[str]:
     """One line per framework and model: ratios to one gradient, multihess beside the fastest alternative."""
-    cols = ["hvp", "ggn", "trace", "ggn_diag", "ggn_trace", "eigen", "eigen_tol"]
+    cols = ["hvp", "ggn", "trace", "ggn_diag", "ggn_trace", "eigen", "eigen_tol", "density"]
     lines = [
         "## Summary: fastest multihess / fastest hand-written / fastest peer, each × one gradient",
         "",

@@ -25,7 +25,19 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from harness import EIGEN_RTOL, EIGEN_TOL, STEPS, Bench, as_numpy, describe, estimate, top_eigenvalue_rows
+from harness import (
+    DENSITY_PROBES,
+    DENSITY_TOL,
+    EIGEN_RTOL,
+    EIGEN_TOL,
+    STEPS,
+    Bench,
+    as_numpy,
+    describe,
+    estimate,
+    top_eigenvalue_rows,
+    top_node,
+)
 from models import Model, torch_models
 
 import multihess as mh
@@ -337,6 +349,7 @@ def peer_rows(name: str, model: Any, x: Any, y: Any, v: Any, Z: Any, bench: Benc
             comp = pyhessian_hessian(model, torch.nn.functional.cross_entropy, data=(x, y), cuda=x.is_cuda)
         except Exception as err:  # the fused-attention transformer fails here
             failed = [("hvp", "HVP"), ("trace", "trace"), ("eigen", "top eigenvalue"), ("eigen_tol", "top eigenvalue")]
+            failed.append(("density", "spectral density"))
             for q, what in failed:
                 bench.fail(q, "PyHessian", what, describe(err))
         else:
@@ -375,6 +388,14 @@ def peer_rows(name: str, model: Any, x: Any, y: Any, v: Any, Z: Any, bench: Benc
                 lambda: comp.eigenvalues(maxIter=100, tol=EIGEN_RTOL)[0],
                 lambda e: np.asarray(e[:1], np.float64),
                 tol=EIGEN_RTOL,
+            )
+            bench.add(
+                "density",
+                "PyHessian",
+                f"density(iter={STEPS}, n_v={DENSITY_PROBES}), full reorthogonalization",
+                lambda: comp.density(iter=STEPS, n_v=DENSITY_PROBES)[0],
+                top_node,
+                tol=DENSITY_TOL,
             )
             del comp
     if importlib.util.find_spec("curvlinops") is not None:
