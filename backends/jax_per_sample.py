@@ -676,21 +676,33 @@ def _take(vector: Array, entries: np.ndarray) -> Array:
 class _Passes:
     """Whether the backward pass of a chunk runs vmapped over its cotangents or once per cotangent (unrolled).
 
-    Neither wins everywhere: on a 2-core CPU with 10 cotangents the unrolled
-    passes took 160-200 ms against 345-420 ms vmapped on LeNet-5 (batched
-    max-pool and convolution transposes are slow there), while on the
-    benchmark MLP both took 1.5-4 ms, within the noise.  So the first calls
-    of one compiled plan run each in turn, the second call of each (the first
-    compiles) is timed, and later calls take the faster.  Unrolling copies
-    the backward pass once per cotangent into the compiled program, so
-    chunks of more than :attr:`MAX_UNROLLED` cotangents always run vmapped.
+    Neither wins everywhere, and each costs a compilation.  On a 2-core CPU
+    with 10 cotangents (the benchmark models, one call after both were
+    compiled) the unrolled passes took 58 ms against 119 ms vmapped on
+    LeNet-5 and 111 against 195 ms on the ResNet (batched max-pool and
+    convolution transposes are slow there), and tied on the MLP (2.2 against
+    1.9 ms) and the transformer (37 ms each); compiling the second variant
+    took 0.3 s (MLP) to 5.5 s (transformer).  On accelerators the vmapped
+    pass runs first: one batched kernel per op instead of one per cotangent.
+
+    So the first calls run the variant that should win (unrolled on a CPU
+    for models with convolutions or pooling, vmapped otherwise), timing its
+    second call.  The other is compiled and timed only once the calls made
+    since have taken as long as the first call's compilation: trying it
+    then at most doubles the time spent, and pays off for an operator
+    called many times (a dataset streamed batch by batch).  Later calls
+    take the faster.  Unrolling copies the backward pass once per cotangent
+    into the compiled program, so chunks of more than :attr:`MAX_UNROLLED`
+    cotangents always run vmapped.
     """
 
     MAX_UNROLLED = 16
 
-    def __init__(self) -> None:
+    def __init__(self, unrolled_first: bool) -> None:
+        self.first = unrolled_first
         self.calls = {False: 0, True: 0}
         self.times: dict[bool, list[float]] = {False: [], True: []}
+        self.compiling = 0.0  # the first call of the first variant: mostly its compilation
 
     def choose(self, k_chunk: int) -> tuple[bool, bool]:
         """``(unroll, timed)`` for the next call."""
@@ -698,19 +710,42 @@ class _Passes:
             return False, False  # one cotangent: both are the same program
         if all(self.times.values()):
             return min(self.times[False]) > min(self.times[True]), False
-        # Compile the vmapped passes, compile the unrolled ones, then time each once.
-        if self.calls[False] == 0:
-            unroll = False
-        elif self.calls[True] == 0:
-            unroll = True
-        else:
-            unroll = bool(self.times[False])
-        timed = self.calls[unroll] >= 1
+        first = self.first
+        spent = self.calls[first] * min(self.times[first], default=0.0)
+        unroll = first if not self.times[first] or spent < self.compiling else not first
+        timed = self.calls[unroll] >= 1 and not self.times[unroll]  # the first call of each compiles
         self.calls[unroll] += 1
         return unroll, timed
 
-    def record(self, unroll: bool, seconds: float) -> None:
-        self.times[unroll].append(seconds)
+    def record(self, unroll: bool, seconds: float, timed: bool) -> None:
+        """The wall time of a call: timed (waited for), or the first of the first variant (compiling)."""
+        if timed:
+            self.times[unroll].append(seconds)
+        elif unroll == self.first and self.calls[unroll] == 1:
+            self.compiling = seconds
+
+
+_SLOW_BATCHED_ON_CPU = frozenset({"conv_general_dilated", "reduce_window_max", "reduce_window_sum", "reduce_window"})
+"""Primitives whose backward passes, batched over cotangents, are slow on a CPU (see :class:`_Passes`)."""
+
+
+def _unrolled_first(w: Array, jaxpr: Jaxpr) -> bool:
+    """Whether to start with unrolled passes: on a CPU, for models with convolutions or pooling."""
+    devices = getattr(w, "devices", None)
+    if devices is not None and any(d.platform != "cpu" for d in devices()):
+        return False
+    stack = [jaxpr]
+    while stack:
+        for eqn in stack.pop().eqns:
+            if eqn.primitive.name in _SLOW_BATCHED_ON_CPU:
+                return True
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    if isinstance(sub, ClosedJaxpr):
+                        stack.append(sub.jaxpr)
+                    elif isinstance(sub, Jaxpr):
+                        stack.append(sub)
+    return False
 
 
 @dataclass
@@ -722,7 +757,7 @@ class _Compiled:
     guard: Callable[..., Array]
     rejected: frozenset[Key] = field(default_factory=frozenset)
     verified: set[int] = field(default_factory=set)
-    passes: _Passes = field(default_factory=_Passes)
+    passes: _Passes = field(default_factory=lambda: _Passes(unrolled_first=True))
 
     @property
     def checking(self) -> bool:
@@ -781,7 +816,9 @@ def per_sample_squares(
         if not plan.uses or len(closed.jaxpr.outvars) != 1:
             return None
         chunk = backend.compile(_chunk_function(plan, per_cotangent))
-        return _Compiled(plan, chunk, backend.compile(_guard_function(plan, f, treedef)), rejected=rejected)
+        guard = backend.compile(_guard_function(plan, f, treedef))
+        passes = _Passes(unrolled_first=_unrolled_first(w, closed.jaxpr))
+        return _Compiled(plan, chunk, guard, rejected=rejected, passes=passes)
 
     def squares(w: Array, x: Any, cotangents: Callable[[Array], Array], memory_budget: int) -> Array:
         leaves, treedef = jax.tree_util.tree_flatten(x)
@@ -839,7 +876,7 @@ def _run(entry: _Compiled, w: Array, leaves: list[Array], U: Array, budget: int)
         result = sum(parts[1:], parts[0])
     if timed:
         jax.block_until_ready(result)  # the time of the work, not of its dispatch
-        entry.passes.record(unroll, time.perf_counter() - start)
+    entry.passes.record(unroll, time.perf_counter() - start, timed)
     if not entry.checking:
         return result, frozenset()
 

@@ -390,6 +390,45 @@ def test_new_batch_size_reuses_the_analysis() -> None:
         assert_close(out, _oracle_squares(apply, params, x, U).sum(0), rtol=1e-10, atol_rel=1e-12)
 
 
+# ----------------------------------------------------------------------------- vmapped or unrolled passes
+def test_passes_start_with_the_guess_and_try_the_other_once_it_is_amortized() -> None:
+    passes = jax_per_sample._Passes(unrolled_first=True)
+    assert passes.choose(10) == (True, False)  # compiles the first guess
+    passes.record(True, 2.0, timed=False)
+    assert passes.choose(10) == (True, True)  # timed once
+    passes.record(True, 0.1, timed=True)
+    # 2 s of compilation against 0.1 s a call: the guess serves until the calls add up to as much.
+    seen = []
+    while (choice := passes.choose(10))[0]:
+        seen.append(choice)
+        passes.record(True, 0.1, timed=False)
+    assert seen == [(True, False)] * 18 and passes.calls[True] == 20
+    assert choice == (False, False)  # the other compiles
+    passes.record(False, 1.5, timed=False)
+    assert passes.choose(10) == (False, True)
+    passes.record(False, 0.05, timed=True)
+    assert all(passes.choose(10) == (False, False) for _ in range(5))  # the faster one from now on
+    assert passes.choose(1) == (False, False)  # one cotangent: one program
+    assert passes.choose(jax_per_sample._Passes.MAX_UNROLLED + 1) == (False, False)
+
+
+def test_convolutions_start_unrolled_on_a_cpu() -> None:
+    def conv(p: dict, x: jax.Array) -> jax.Array:
+        h = lax.conv_general_dilated(x, p["k"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.tanh(h).mean(axis=(1, 2)) @ p["head"]
+
+    conv_params = {"k": jnp.ones((3, 3, 2, 4)), "head": jnp.ones((4, 3))}
+    dense, shapes, d = MODELS["tanh_mlp_bias"]()
+    for apply, params, x, expected in [
+        (conv, conv_params, jnp.ones((2, 5, 5, 2)), True),
+        (dense, _init(shapes), data(2, d, 3)[0], False),
+    ]:
+        _, binding = _bind(apply, params)
+        leaves, treedef = jax.tree_util.tree_flatten(x)
+        closed = jax_per_sample._trace(binding.apply, binding.w, leaves, treedef)
+        assert jax_per_sample._unrolled_first(binding.w, closed.jaxpr) is expected
+
+
 # ----------------------------------------------------------------------------- the guard
 @pytest.mark.parametrize(
     ("rule", "model", "classes"), [("_bias_product", "tanh_mlp_bias", 3), ("_dense_deltas", "sequence", 2)]
