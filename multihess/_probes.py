@@ -22,9 +22,11 @@ reductions, come back once.
 
 from __future__ import annotations
 
+import threading
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 import numpy as np
@@ -92,8 +94,60 @@ def probe_forms(
         yield from probe_reductions(op, rng, num, distribution, memory_budget, lambda Z, AZ: b.xp.sum(Z * AZ, axis=1))
         return
     for start, stop in chunks(num, rows_per_chunk(op, memory_budget)):
-        forms = op._quadratic_forms(_sent_payload(op, rng, stop - start, distribution))
+        forms = op._quadratic_forms(_kept_probes(op, rng, stop - start, distribution))
         yield np.asarray(b.to_numpy(forms), dtype=np.float64)
+
+
+KEPT_PROBE_BYTES = 64 << 20
+"""Most bytes of probes :func:`_kept_probes` keeps on the device between calls."""
+
+_kept: OrderedDict[Hashable, tuple[Any, dict, int]] = OrderedDict()
+_kept_lock = threading.Lock()  # estimators may run in several threads
+
+
+def _kept_probes(op: CurvatureOperator, rng: np.random.Generator, num: int, distribution: str) -> Any:
+    """The probes of :func:`_sent_payload`, in the operator's dtype, kept for the next draw from the same state.
+
+    One seed means the same probes on every call, and a small model pays
+    for them as much as for a tenth of its products (an MLP's trace of 10
+    probes on 2·10⁵ parameters: 0.3 ms to draw, 0.3 ms to send, 0.8 ms to
+    widen the signs on the device, against 10 ms in all).  So the probes
+    last sent are kept on the device, up to :data:`KEPT_PROBE_BYTES` in
+    all, keyed by the generator's state before the draw and by everything
+    that shapes them; a call that finds them sets the generator to its
+    state after that draw, so that every later number is the one it would
+    have drawn.  Larger chunks travel as before (signs widened in the
+    compiled call), so that nothing of their size stays behind.
+    """
+    like = op.cols.w
+    n, order = op.shape[1], probe_order(op)
+    if num * n * itemsize(like) > KEPT_PROBE_BYTES:
+        return _sent_payload(op, rng, num, distribution)
+    key = (
+        repr(rng.bit_generator.state),
+        type(op.backend).__name__,
+        str(getattr(like, "sharding", getattr(like, "device", ""))),
+        dtype_name(like),
+        distribution,
+        num,
+        n,
+        None if order is None else tuple((part.start, part.stop) for part in order),
+    )
+    with _kept_lock:
+        found = _kept.get(key)
+        if found is not None:
+            _kept.move_to_end(key)
+    if found is not None:
+        probes, after, _ = found
+        rng.bit_generator.state = after
+        return probes
+    probes = op.backend.xp.astype(_sent_payload(op, rng, num, distribution), like.dtype)
+    size = num * n * itemsize(like)
+    with _kept_lock:
+        _kept[key] = (probes, rng.bit_generator.state, size)
+        while sum(entry[2] for entry in _kept.values()) > KEPT_PROBE_BYTES:
+            _kept.popitem(last=False)
+    return probes
 
 
 def _sent_payload(op: CurvatureOperator, rng: np.random.Generator, num: int, distribution: str) -> Any:

@@ -17,6 +17,7 @@ import tensorflow as tf
 from keras_float64 import float64_layers
 
 import multihess as mh
+from multihess import _probes
 from multihess._probes import draw_probes, probe_order
 
 jax.config.update("jax_enable_x64", True)  # before any array exists: float64 oracles need float64 models
@@ -109,3 +110,32 @@ def test_tensorflow_trace_in_one_call_per_chunk(monkeypatch: pytest.MonkeyPatch)
         _without_unfused_products(H, patch)
         est = mh.trace(H, num_probes=PROBES, seed=2)
     assert est.value == pytest.approx(samples.mean(), rel=1e-10)
+
+
+def test_probes_are_kept_for_the_next_call_with_the_same_seed(monkeypatch: pytest.MonkeyPatch) -> None:
+    apply, params, x, y = _jax_problem()
+    H = mh.hessian(apply, params, data=(x, y), loss="cross_entropy")
+    flat = H.rows.w
+
+    def loss(w: jax.Array) -> jax.Array:
+        z = apply(H.rows.to_tree(w), x)
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(z), y[:, None], axis=1))
+
+    dense = np.asarray(jax.hessian(loss)(flat))
+    expected = {seed: _expected_samples(H, dense, "rademacher", seed).mean() for seed in (3, 4, 5)}
+    drawn = []
+    signs = _probes._rademacher_signs
+    monkeypatch.setattr(_probes, "_rademacher_signs", lambda *args: drawn.append(args[1]) or signs(*args))
+    monkeypatch.setattr(_probes, "_kept", type(_probes._kept)())  # none kept from other tests
+    two = 2 * 2 * 16 * flat.size  # chunks of two probes (a probe and its product, 16 bytes an entry): four chunks
+    for seed in (3, 4, 3, 4):
+        est = mh.trace(H, num_probes=PROBES, seed=seed, memory_budget=two)
+        assert est.value == pytest.approx(expected[seed], rel=1e-10)
+    assert drawn == [2, 2, 2, 1] * 2  # the repeated seeds found every chunk: the generator moved on exactly
+    # A bound on what is kept: probes over it are drawn again each time, and the numbers stay the same.
+    monkeypatch.setattr(_probes, "KEPT_PROBE_BYTES", 2 * flat.size * flat.dtype.itemsize - 1)
+    drawn.clear()
+    for _ in range(2):
+        est = mh.trace(H, num_probes=PROBES, seed=5, memory_budget=two)
+        assert est.value == pytest.approx(expected[5], rel=1e-10)
+    assert drawn == [2, 2, 2, 1, 2, 2, 2] and len(_probes._kept) <= 1  # only the last, single-probe chunk fits
