@@ -95,6 +95,10 @@ def trace(
     small batch does (rank at most ``N·C``).  The probes of all methods are
     drawn for the parameters sorted by name and then put in the operator's
     order, so that the same seed gives the same estimate in every framework.
+    Where Hutchinson runs as one compiled call per batch of probes (JAX,
+    TensorFlow), the probes last sent stay on the device, up to 64 MiB in
+    all, and a later call with the same seed uses them instead of drawing
+    and sending them again.
 
     Products are computed in the operator's dtype.  For a float16 or
     bfloat16 operator each product carries that dtype's rounding (relative
