@@ -362,7 +362,7 @@ def test_partial_reorthogonalization_keeps_the_basis_semi_orthogonal(monkeypatch
     assert np.max(np.abs(Q_plain @ Q_plain.T - np.eye(steps))) > 0.1
 
 
-@pytest.mark.parametrize("framework", ["torch", "jax"])
+@pytest.mark.parametrize("framework", ["torch", "jax", "tensorflow"])
 def test_quadrature_keeps_every_basis_semi_orthogonal(monkeypatch, framework: str) -> None:
     spectrum = np.r_[10.0, 9.9, 9.8, np.random.default_rng(1).uniform(-1.0, 1.0, 400)]
     op = framework_quadratic(spectrum_matrix(spectrum, seed=3), framework, "float32")

@@ -54,21 +54,13 @@ def _jax_problem():
 
 @pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
 def test_jax_trace_in_one_call_per_chunk(distribution: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    apply, params, x, y = _jax_problem()
-    H = mh.hessian(apply, params, data=(x, y), loss="cross_entropy")
-    flat = H.rows.w
-
-    def loss(w: jax.Array) -> jax.Array:
-        z = apply(H.rows.to_tree(w), x)
-        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(z), y[:, None], axis=1))
-
-    dense = np.asarray(jax.hessian(loss)(flat))
+    H, dense = _jax_hessian()
     samples = _expected_samples(H, dense, distribution, seed=3)
     with monkeypatch.context() as patch:
         _without_unfused_products(H, patch)
         est = mh.trace(H, num_probes=PROBES, seed=3, distribution=distribution)
-        # Chunks of 2 probes: the same numbers, in four calls.
-        chunked = mh.trace(H, num_probes=PROBES, seed=3, distribution=distribution, memory_budget=2 * 16 * flat.size)
+        # One probe a chunk (a probe and its product take 16 bytes an entry): the same numbers, in seven calls.
+        chunked = mh.trace(H, num_probes=PROBES, seed=3, distribution=distribution, memory_budget=2 * 16 * H.shape[1])
     assert est.value == pytest.approx(samples.mean(), rel=1e-10)
     assert est.std_error == pytest.approx(samples.std(ddof=1) / np.sqrt(PROBES), rel=1e-8)
     assert chunked.value == pytest.approx(samples.mean(), rel=1e-10)
@@ -87,7 +79,8 @@ def test_jax_ggn_trace_over_several_batches(monkeypatch: pytest.MonkeyPatch) -> 
     assert est.value == pytest.approx(samples.mean(), rel=1e-10)
 
 
-def test_tensorflow_trace_in_one_call_per_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+def _tensorflow_hessian() -> tuple[mh.CurvatureOperator, np.ndarray]:
+    """A Keras MLP's Hessian operator in float64, and its dense Hessian from nested ``tf.GradientTape`` Jacobians."""
     import keras
 
     rng = np.random.default_rng(1)
@@ -105,6 +98,23 @@ def test_tensorflow_trace_in_one_call_per_chunk(monkeypatch: pytest.MonkeyPatch)
     dense = np.concatenate(
         [tf.reshape(outer.jacobian(flat_grad, v), (flat_grad.shape[0], -1)).numpy() for v in variables], axis=1
     )
+    return H, dense
+
+
+def _jax_hessian() -> tuple[mh.CurvatureOperator, np.ndarray]:
+    """The JAX problem's Hessian operator and its dense Hessian from ``jax.hessian``."""
+    apply, params, x, y = _jax_problem()
+    H = mh.hessian(apply, params, data=(x, y), loss="cross_entropy")
+
+    def loss(w: jax.Array) -> jax.Array:
+        z = apply(H.rows.to_tree(w), x)
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(z), y[:, None], axis=1))
+
+    return H, np.asarray(jax.hessian(loss)(H.rows.w))
+
+
+def test_tensorflow_trace_in_one_call_per_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    H, dense = _tensorflow_hessian()
     samples = _expected_samples(H, dense, "rademacher", seed=2)
     with monkeypatch.context() as patch:
         _without_unfused_products(H, patch)
@@ -112,28 +122,22 @@ def test_tensorflow_trace_in_one_call_per_chunk(monkeypatch: pytest.MonkeyPatch)
     assert est.value == pytest.approx(samples.mean(), rel=1e-10)
 
 
-def test_probes_are_kept_for_the_next_call_with_the_same_seed(monkeypatch: pytest.MonkeyPatch) -> None:
-    apply, params, x, y = _jax_problem()
-    H = mh.hessian(apply, params, data=(x, y), loss="cross_entropy")
-    flat = H.rows.w
-
-    def loss(w: jax.Array) -> jax.Array:
-        z = apply(H.rows.to_tree(w), x)
-        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(z), y[:, None], axis=1))
-
-    dense = np.asarray(jax.hessian(loss)(flat))
+@pytest.mark.parametrize("framework", ["jax", "tensorflow"])
+def test_probes_are_kept_for_the_next_call_with_the_same_seed(framework: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    H, dense = _jax_hessian() if framework == "jax" else _tensorflow_hessian()
+    n = H.shape[1]
     expected = {seed: _expected_samples(H, dense, "rademacher", seed).mean() for seed in (3, 4, 5)}
     drawn = []
     signs = _probes._rademacher_signs
     monkeypatch.setattr(_probes, "_rademacher_signs", lambda *args: drawn.append(args[1]) or signs(*args))
     monkeypatch.setattr(_probes, "_kept", type(_probes._kept)())  # none kept from other tests
-    two = 2 * 2 * 16 * flat.size  # chunks of two probes (a probe and its product, 16 bytes an entry): four chunks
+    two = 2 * 2 * 16 * n  # chunks of two probes (a probe and its product, 16 bytes an entry): four chunks
     for seed in (3, 4, 3, 4):
         est = mh.trace(H, num_probes=PROBES, seed=seed, memory_budget=two)
         assert est.value == pytest.approx(expected[seed], rel=1e-10)
     assert drawn == [2, 2, 2, 1] * 2  # the repeated seeds found every chunk: the generator moved on exactly
     # A bound on what is kept: probes over it are drawn again each time, and the numbers stay the same.
-    monkeypatch.setattr(_probes, "KEPT_PROBE_BYTES", 2 * flat.size * flat.dtype.itemsize - 1)
+    monkeypatch.setattr(_probes, "KEPT_PROBE_BYTES", 2 * n * 8 - 1)  # float64 probes
     drawn.clear()
     for _ in range(2):
         est = mh.trace(H, num_probes=PROBES, seed=5, memory_budget=two)
