@@ -121,7 +121,8 @@ def _kept_probes(op: CurvatureOperator, rng: np.random.Generator, num: int, dist
     """
     like = op.cols.w
     n, order = op.shape[1], probe_order(op)
-    if num * n * itemsize(like) > KEPT_PROBE_BYTES:
+    size = num * n * itemsize(like)
+    if size > KEPT_PROBE_BYTES:
         return _sent_payload(op, rng, num, distribution)
     key = (
         repr(rng.bit_generator.state),
@@ -142,7 +143,6 @@ def _kept_probes(op: CurvatureOperator, rng: np.random.Generator, num: int, dist
         rng.bit_generator.state = after
         return probes
     probes = op.backend.xp.astype(_sent_payload(op, rng, num, distribution), like.dtype)
-    size = num * n * itemsize(like)
     with _kept_lock:
         _kept[key] = (probes, rng.bit_generator.state, size)
         while sum(entry[2] for entry in _kept.values()) > KEPT_PROBE_BYTES:
