@@ -339,9 +339,12 @@ class TensorFlowBackend(Backend):
         parts, forms = self._parts(f), self._forms(batched)
         return self._by_row_count(self.compile(single), self.compile(batched), self.compile(f), parts, forms)
 
-    def _parts(self, f: Callable[[Array, Any, Array], Array]) -> Callable[..., Any]:
-        """``f`` compiled on the pieces of its vector (``on_parts`` of :meth:`Backend.rowwise`)."""
-        return self.compile(functools.partial(product_on_parts, self.xp, f))
+    def _parts(self, f: Callable[[Array, Any, Array], Array]) -> tuple[Callable[..., Any], Callable[..., Any]]:
+        """``f`` compiled on the pieces of its vector, with and without the finiteness test (see ``rowwise``)."""
+        return (
+            self.compile(functools.partial(product_on_parts, self.xp, f)),
+            self.compile(functools.partial(product_on_parts, self.xp, f, checked=False)),
+        )
 
     def _forms(self, batched: Callable[[Array, Any, Array], Array]) -> Callable[..., Any]:
         """``zᵀAz`` per row, compiled with the batched product (``forms`` of :meth:`Backend.rowwise`)."""
@@ -352,7 +355,7 @@ class TensorFlowBackend(Backend):
         single: Callable[..., Array],
         batched: Callable[..., Array],
         vector: Callable[..., Array],
-        parts: Callable[..., Any],
+        parts: tuple[Callable[..., Any], Callable[..., Any]],
         forms: Callable[..., Array],
     ) -> Callable[..., Array]:
         # One row (Lanczos) skips the loop machinery of map_fn; a vector (matvec) the reshapes around the call too.
@@ -363,7 +366,7 @@ class TensorFlowBackend(Backend):
             return (single if int(rows.shape[0]) == 1 else batched)(w, batch, rows)
 
         rows_product.takes_vectors = True  # type: ignore[attr-defined]
-        rows_product.on_parts = parts  # type: ignore[attr-defined]
+        rows_product.on_parts, rows_product.on_parts_unchecked = parts  # type: ignore[attr-defined]
         rows_product.forms = forms  # type: ignore[attr-defined]
         return rows_product
 

@@ -1,19 +1,26 @@
 """Timing, peak memory, agreement checks and the row record shared by every framework.
 
-A row is timed as the median of ``repeats`` calls after ``warmup`` calls; its
-first call also gives the numbers that are checked against the reference of
-the same quantity (the hand-written result, or multihess where there is no
-hand-written code) before any timing.  Peak memory is measured on one more,
-untimed call: on CPU the growth of the process's resident set (Linux's
-``VmHWM``, reset through ``/proc/self/clear_refs``) above its size just before
-the call; on CUDA ``torch.cuda.max_memory_allocated`` above the allocation
-before the call (JAX: the device's ``peak_bytes_in_use`` when it grew).
+A row's first call gives the numbers that are checked against the reference
+of the same quantity (the hand-written result, or multihess where there is
+no hand-written code) before any timing.  Then it is timed as the median of
+``repeats`` repeats after ``warmup`` calls.  A repeat is the mean of as many
+consecutive calls (each waited for) as fill ``min_seconds``, judged from the
+last warm-up call: a product of a millisecond is timed over tens of calls,
+and the scheduler's noise in a single call does not decide its ratio.
+
+Peak memory is measured on one more, untimed call: on CPU the growth of the
+process's resident set (Linux's ``VmHWM``, reset through
+``/proc/self/clear_refs``) above its size just before the call, in a second
+process whose heap maps large blocks (see :class:`Memory`); on CUDA
+``torch.cuda.max_memory_allocated`` above the allocation before the call
+(JAX: the device's ``peak_bytes_in_use`` when it grew).
 """
 
 from __future__ import annotations
 
 import ctypes
 import gc
+import math
 import os
 import statistics
 import time
@@ -52,6 +59,7 @@ class Row:
     ratio: float | None = None  # to one gradient of the same model and framework
     peak_bytes: int | None = None
     repeats: int = 0
+    calls_per_repeat: int = 1
     check: str = ""
     error: str | None = None
     extra: dict = field(default_factory=dict)
@@ -67,25 +75,40 @@ class Reference:
     source: str
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters of glibc
+
+
 class Memory:
-    """Peak memory of one call: RSS growth on CPU, allocator peaks on CUDA."""
+    """Peak memory of one call: RSS growth on CPU, allocator peaks on CUDA.
 
-    def __init__(self, device: str) -> None:
+    On a CPU the resident set only shows a call's buffers when they are
+    mapped for it and unmapped after, so the heap is set to map every block
+    over 128 KiB (``measuring``).  That setting also maps and unmaps those
+    blocks on every call, and their page faults doubled the time of a
+    millisecond's product; a freed heap, in turn, hides one row's growth
+    behind another's free blocks, whatever is set later.  So on a CPU the
+    timed process keeps glibc's defaults and takes the peaks from a second
+    process that runs every row with the heap set to measure
+    (``run.py --memory-only``), found by :func:`row_key` in ``peaks``.
+    """
+
+    def __init__(self, device: str, measuring: bool = False) -> None:
         self.device = device
-        self.libc = None
-        try:
-            self.libc = ctypes.CDLL("libc.so.6")
-            if os.environ.get("NO_MALLOPT"):
-                raise OSError
-            # A fixed mmap threshold: large blocks go back to the system when freed,
-            # so that one row's RSS growth is not hidden by the heap left by another.
-            self.libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-            self.libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
-        except OSError:
-            pass
         self.can_reset = _write("/proc/self/clear_refs", "5")
+        self.needs_own_pass = not device.startswith("cuda") and self.can_reset
+        self.peaks: dict[tuple[str, ...], int | None] | None = None
+        self.libc = None
+        if measuring and not os.environ.get("NO_MALLOPT"):
+            try:
+                self.libc = ctypes.CDLL("libc.so.6")
+                self.libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+                self.libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
+            except OSError:
+                pass
 
-    def measure(self, fn: Callable[[], Any], sync: Callable[[Any], Any], framework: str) -> int | None:
+    def measure(self, fn: Callable[[], Any], sync: Callable[[Any], Any], framework: str, key: tuple) -> int | None:
+        if self.peaks is not None and not (self.device.startswith("cuda") and framework in ("torch", "jax")):
+            return self.peaks.get(key)
         gc.collect()
         if self.libc is not None:
             self.libc.malloc_trim(0)
@@ -115,6 +138,12 @@ class Memory:
         _write("/proc/self/clear_refs", "5")
         sync(fn())
         return max(0, _status("VmHWM") - before)
+
+
+def row_key(row: Row | dict) -> tuple[str, ...]:
+    """What names a row across the timed process and the memory pass."""
+    d = row if isinstance(row, dict) else asdict(row)
+    return tuple(str(d[k]) for k in ("framework", "model", "quantity", "who", "what"))
 
 
 def _write(path: str, text: str) -> bool:
@@ -153,8 +182,11 @@ class Bench:
         rows: list[Row],
         verbose: int = 1,
         quick: bool = False,
+        min_seconds: float = 0.0,
+        memory_only: bool = False,
     ) -> None:
         self.framework, self.model, self.sync = framework, model, sync
+        self.min_seconds, self.memory_only = min_seconds, memory_only
         self.repeats, self.warmup, self.memory = repeats, warmup, memory
         self.rows, self.verbose, self.quick = rows, verbose, quick
         self.base: float | None = None
@@ -204,14 +236,7 @@ class Bench:
                 row.check = self._check(check_as or quantity, who, what, value(out), tol, set_reference)
             del out
             if not self.quick:  # --quick: the checked call is the one timed
-                for _ in range(self.warmup - 1):
-                    self.sync(fn())
-                row.peak_bytes = self.memory.measure(fn, self.sync, self.framework)
-                times = []
-                for _ in range(repeats or self.repeats):
-                    start = time.perf_counter()
-                    self.sync(fn())
-                    times.append(time.perf_counter() - start)
+                times = self._time(row, fn, times[0], repeats)
         except Exception as err:  # a row that fails is reported, never fatal
             row.error = f"fails: {describe(err)}"
             if self.verbose > 1:
@@ -225,6 +250,31 @@ class Bench:
             row.ratio = row.seconds / self.base
         self._emit(row)
         return row
+
+    def _time(self, row: Row, fn: Callable[[], Any], first: float, repeats: int | None) -> list[float]:
+        """Warm up, measure the peak memory, then time the repeats (``first``: the checked call's seconds).
+
+        Their warnings are dropped: the checked call recorded them.
+        """
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            last = first
+            for _ in range(self.warmup - 1):
+                start = time.perf_counter()
+                self.sync(fn())
+                last = time.perf_counter() - start
+            row.peak_bytes = self.memory.measure(fn, self.sync, self.framework, row_key(row))
+            if self.memory_only:
+                return [last]
+            calls = max(1, math.ceil(self.min_seconds / max(last, 1e-9)))
+            times = []
+            for _ in range(repeats or self.repeats):
+                start = time.perf_counter()
+                for _ in range(calls):
+                    self.sync(fn())
+                times.append((time.perf_counter() - start) / calls)
+        row.calls_per_repeat = calls
+        return times
 
     def _check(self, quantity: str, who: str, what: str, got: Any, tol: float, set_reference: bool) -> str:
         se = None

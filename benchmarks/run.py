@@ -3,8 +3,10 @@
 Every row runs in one process on the same batch as its framework's gradient.
 Before a row is timed its result is checked against the reference of the same
 quantity (hand-written code, or multihess where nothing else computes it);
-then it is timed as the median of ``--repeats`` calls after a warm-up, and its
-peak memory is taken on one more call (see ``harness.py``).  Results go to
+then it is timed as the median of ``--repeats`` repeats after a warm-up (each
+repeat the mean of as many calls as fill ``--min-ms``), and its
+peak memory is taken on one more call (on a CPU in a second process, whose
+heap is set to show it: see ``harness.Memory``).  Results go to
 ``benchmarks/results/`` (or ``--out``) as JSON and as a markdown table, with
 the machine and the versions.  Usage::
 
@@ -23,7 +25,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,7 +36,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from harness import Bench, Memory, Row, describe  # noqa: E402
+from harness import Bench, Memory, Row, describe, row_key  # noqa: E402
 from models import NAMES  # noqa: E402
 from report import write_results  # noqa: E402
 
@@ -46,19 +51,25 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(NAMES), choices=NAMES)
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per row (the median is reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per row before timing")
+    parser.add_argument(
+        "--min-ms", type=float, default=50.0, help="each repeat averages as many calls as fill this many ms"
+    )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch and TensorFlow")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, every row once: a smoke test")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results, or $OUT/results)")
     parser.add_argument("--tag", default=None, help="file name stem of the results (default: device and scale)")
     parser.add_argument("-v", "--verbose", action="count", default=1, help="-v: tracebacks of failing rows")
+    parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)  # the CPU memory pass
     args = parser.parse_args()
     if args.quick:
-        args.scale, args.repeats, args.warmup = "tiny", 1, 1
+        args.scale, args.repeats, args.warmup, args.min_ms = "tiny", 1, 1, 0.0
     out_dir = Path(args.out or (Path(os.environ["OUT"]) / "results" if os.environ.get("OUT") else HERE / "results"))
     frameworks = [f for f in args.frameworks if importlib.util.find_spec(f) is not None]
     skipped = sorted(set(args.frameworks) - set(frameworks))
     setup(args, frameworks)
-    memory = Memory(args.device)
+    memory = Memory(args.device, measuring=args.memory_only)
+    if not (args.quick or args.memory_only) and memory.needs_own_pass:
+        memory.peaks = measure_in_own_process(out_dir)
     rows: list[Row] = []
     settings = vars(args) | {"frameworks_run": frameworks, "frameworks_missing": skipped}
     paths = (None, None)
@@ -86,6 +97,8 @@ def main() -> None:
                 rows,
                 args.verbose,
                 args.quick,
+                args.min_ms / 1e3,
+                args.memory_only,
             )
             try:
                 rows_module.run(name, specs[name], bench)
@@ -94,7 +107,25 @@ def main() -> None:
                 print(f"{framework:>10} {name:>11} | setup fails: {describe(err)}")
             # Written after every model, so that a run stopped by a time limit keeps what it measured.
             paths = write_results(rows, settings, out_dir, args.tag, time.time() - started)
+    if args.memory_only:
+        return
     print(f"\nwrote {paths[0]} and {paths[1]} ({time.time() - started:.0f} s)")
+
+
+def measure_in_own_process(out_dir: Path) -> dict[tuple[str, ...], int | None]:
+    """The CPU peaks of every row, from this command run again with ``--memory-only`` (see ``harness.Memory``)."""
+    folder = out_dir / "memory-pass"
+    command = [sys.executable, __file__, *sys.argv[1:], "--memory-only", "--out", str(folder), "--tag", "memory"]
+    print("peak memory: every row once more in its own process, with the heap set to measure (see harness.Memory)")
+    done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
+    found = folder / "memory.json"
+    if done.returncode != 0 or not found.exists():
+        print(done.stderr[-3000:])
+        print(f"the memory pass failed (exit {done.returncode}): the peak memory column stays empty")
+        return {}
+    peaks = {row_key(row): row.get("peak_bytes") for row in json.loads(found.read_text())["rows"]}
+    shutil.rmtree(folder, ignore_errors=True)
+    return peaks
 
 
 def setup(args: argparse.Namespace, frameworks: list[str]) -> None:

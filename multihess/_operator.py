@@ -142,7 +142,7 @@ class CurvatureOperator:
 
     def _fused(self, flat: Array) -> tuple[Array, Array] | None:
         """``(A v, isfinite(Σ v))`` from one call of the compiled product's ``on_parts``, where there is one."""
-        found = self._compiled_variant("on_parts", one_batch=True)
+        found = self._compiled_variant(self._parts_variant, one_batch=True)
         if found is None:
             return None
         on_parts, problem = found
@@ -162,7 +162,7 @@ class CurvatureOperator:
         if hasattr(v, "shape") and hasattr(v, "dtype"):  # a NumPy or foreign array: the flat path's errors
             return None
         binding = self.cols
-        found = self._compiled_variant("on_parts", one_batch=True)
+        found = self._compiled_variant(self._parts_variant, one_batch=True)
         if found is None or binding.parts_of is None or binding.from_parts is None:
             return None
         on_parts, problem = found
@@ -170,6 +170,11 @@ class CurvatureOperator:
         pieces, finite = problem.batch_sum(lambda batch: on_parts(binding.w, batch, parts))
         self._confirm_finite(finite if self.check_finite else None, parts, "v")
         return binding.from_parts(pieces)
+
+    @property
+    def _parts_variant(self) -> str:
+        """The ``on_parts`` variant to call: without the finiteness test when the operator checks nothing."""
+        return "on_parts" if self.check_finite else "on_parts_unchecked"
 
     def _quadratic_forms(self, Z: Array) -> Array | None:
         """``zᵀAz`` per row of ``Z`` (any real dtype) in one compiled call, where the product has one; else ``None``.

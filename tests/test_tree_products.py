@@ -184,3 +184,48 @@ def test_tensorflow_tree_products_match_nested_tapes(monkeypatch: pytest.MonkeyP
     bad[2] = tf.tensor_scatter_nd_update(bad[2], [[0, 0]], tf.constant([np.inf], tf.float64))
     with pytest.raises(ValueError, match="NaN or inf"):
         H @ bad
+
+
+def test_products_without_the_finiteness_test_match_autodiff(monkeypatch: pytest.MonkeyPatch) -> None:
+    # check_finite=False runs the compiled product without its read of the whole vector: same numbers,
+    # and a NaN goes through into the product instead of raising.
+    p, x, y = _jax_setup()
+    H_true, G_true, ravel = _jax_oracles(p, x, y)
+    rng = np.random.default_rng(5)
+    v = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape)), p)
+    v_flat = np.asarray(ravel(v)[0])
+    for build, truth in ((mh.hessian, H_true), (mh.ggn, G_true)):
+        op = build(_apply, p, data=(x, y), loss="cross_entropy", check_finite=False)
+        product = op._parts_product()[0]
+        monkeypatch.setattr(product, "on_parts", None)  # the checked variant must not be the one called
+        with monkeypatch.context() as patch:
+            _without_flat_route(op, patch)
+            out = op @ v
+        np.testing.assert_allclose(np.asarray(ravel(out)[0]), truth @ v_flat, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(np.asarray(op @ ravel(v)[0]), truth @ v_flat, rtol=1e-10, atol=1e-12)
+        bad = jax.tree.map(lambda a: a, v)
+        bad["hidden"]["w"] = bad["hidden"]["w"].at[0, 0].set(jnp.nan)
+        assert np.isnan(np.asarray(ravel(op @ bad)[0])).any()
+
+
+def test_tensorflow_products_without_the_finiteness_test(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, x, y = _keras_setup()
+    variables = model.trainable_variables
+    rng = np.random.default_rng(6)
+    v = [tf.constant(rng.normal(size=tuple(w.shape))) for w in variables]
+    with tf.GradientTape() as outer:
+        with tf.GradientTape() as inner:
+            value = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, model(x)))
+        g = inner.gradient(value, variables)
+    hv = outer.gradient(g, variables, output_gradients=v)
+
+    H = mh.hessian(model, data=(x, y), loss="cross_entropy", check_finite=False)
+    monkeypatch.setattr(H._parts_product()[0], "on_parts", None)
+    with monkeypatch.context() as patch:
+        _without_flat_route(H, patch)
+        out = H @ v
+    for got, want in zip(out, hv):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-10, atol=1e-12)
+    bad = [tf.identity(t) for t in v]
+    bad[0] = tf.tensor_scatter_nd_update(bad[0], [[0, 0]], tf.constant([np.nan], tf.float64))
+    assert np.isnan(np.concatenate([t.numpy().ravel() for t in H @ bad])).any()
