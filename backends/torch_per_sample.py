@@ -67,6 +67,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 Squares = Callable[[torch.Tensor, Any, Callable[[torch.Tensor], torch.Tensor], int], torch.Tensor]
+Pair = tuple[torch.Tensor, torch.Tensor]
+"""``(actual, expected)``: two computations of one quantity, equal up to rounding when a guard holds."""
 Layout = tuple[int, int]
 """``(A, B)``: the leading axes of an op's output, flattened, read as ``(A, N, B)`` with the samples in the middle."""
 
@@ -183,7 +185,7 @@ class _Use:
         for n0 in range(0, N, n_chunk):
             n1 = min(n0 + n_chunk, N)
             ready = self.prepare(n0, n1)
-            if n1 - n0 == N:  # kept for the check of the same call (see agrees): no second gathering
+            if n1 - n0 == N:  # kept for the check of the same call (see agreement): no second gathering
                 memo[("ready", id(self))] = ready
             for k, delta in enumerate(block):
                 g = self.products(delta, layout, n0, n1, ready)
@@ -196,11 +198,12 @@ class _Use:
             total += s  # type: ignore[operator]
         return total  # type: ignore[return-value]
 
-    def agrees(self, delta: torch.Tensor, layout: Layout, grad: torch.Tensor, budget: int, memo: dict) -> bool:
-        """Whether autograd's gradient ``grad`` on the view is what the op implies from the cotangent ``δ`` at ``out``.
+    def agreement(self, delta: torch.Tensor, layout: Layout, grad: torch.Tensor, budget: int, memo: dict) -> Pair:
+        """``(actual, expected)``: autograd's gradient ``grad`` on the view, and what the op implies from ``δ``.
 
-        Both for one and the same cotangent of ``z``; the op implies the sum
-        over samples of the per-sample products.  ``memo`` may hold what
+        Both for one and the same cotangent of ``z`` (projected alike where
+        the op can), to be compared by :func:`_agreeing`; the op implies the
+        sum over samples of the per-sample products.  ``memo`` may hold what
         :meth:`square_sums` prepared for all samples at once.
         """
         N = self.rows(delta, layout).shape[1]
@@ -211,7 +214,7 @@ class _Use:
             ready = memo.pop(("ready", id(self)), None) if n1 - n0 == N else None
             part = self.products(delta, layout, n0, n1, self.prepare(n0, n1) if ready is None else ready).sum(0)
             total = part if total is None else total + part
-        return _close(grad, total)
+        return grad, total
 
 
 def _delta_squares(block: Block, memo: dict) -> torch.Tensor:
@@ -252,7 +255,7 @@ class _Matmul(_Use):
         d2 = _delta_squares(block, memo).reshape(a2.shape[0], -1)
         return a2.T @ d2 if self.right else d2.T @ a2  # B is (in, out), W is (out, in)
 
-    def agrees(self, delta: torch.Tensor, layout: Layout, grad: torch.Tensor, budget: int, memo: dict) -> bool:
+    def agreement(self, delta: torch.Tensor, layout: Layout, grad: torch.Tensor, budget: int, memo: dict) -> Pair:
         # Compared along a fixed direction of the output axis, so the check costs products
         # with vectors only; it sums over every row, so it holds in any layout.
         d = delta.reshape(-1, delta.shape[-1])
@@ -260,7 +263,7 @@ class _Matmul(_Use):
         r = _direction(d.shape[1], d)
         # The gradient of W (y = a Wᵀ) is δᵀa, that of B (y = a B) aᵀδ.
         expected, actual = a.T @ (d @ r), (grad @ r if self.right else grad.T @ r)
-        return _close(actual, expected)
+        return actual, expected
 
 
 _DIRECTIONS: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
@@ -370,7 +373,7 @@ class _Conv(_Use):
         for n0 in range(0, N, n_chunk):
             n1 = min(n0 + n_chunk, N)
             ready = self.prepare(n0, n1)
-            if n1 - n0 == N:  # kept for the check of the same call (see agrees): no second gathering
+            if n1 - n0 == N:  # kept for the check of the same call (see agreement): no second gathering
                 memo[("ready", id(self))] = ready
             parts = block[:, n0:n1] if isinstance(block, torch.Tensor) else [b[n0:n1] for b in block]
             d = torch.stack(list(parts), dim=1)  # (n, k, C_out, *positions)
@@ -435,7 +438,7 @@ class _Embedding(_Use):
             total += t
         return total
 
-    def agrees(self, delta: torch.Tensor, layout: Layout, grad: torch.Tensor, budget: int, memo: dict) -> bool:
+    def agreement(self, delta: torch.Tensor, layout: Layout, grad: torch.Tensor, budget: int, memo: dict) -> Pair:
         # Along a fixed direction of the features: each position adds one number into the row it read.
         V, D = self.alias.shape
         r = _direction(D, delta)
@@ -446,7 +449,7 @@ class _Embedding(_Use):
         )
         projected = (delta.reshape(-1, D) @ r) * valid.to(delta.dtype)
         expected = torch.zeros(V, dtype=delta.dtype, device=delta.device)
-        return _close(grad @ r, expected.index_add_(0, self.tokens.reshape(-1), projected))
+        return grad @ r, expected.index_add_(0, self.tokens.reshape(-1), projected)
 
 
 def _conv_pads(padding: Any, kernel: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[tuple[int, int], ...] | None:
@@ -852,43 +855,45 @@ def synchronize(t: torch.Tensor) -> None:
         torch.cuda.synchronize(t.device)
 
 
-def _close(actual: torch.Tensor, expected: torch.Tensor) -> bool:
-    """Agreement up to rounding: ``10 √ε`` of the larger magnitude (both sides come from different op orders)."""
-    if not expected.numel():
-        return True
-    # One host read for the three maxima.
-    maxima = [expected.abs().max(), actual.abs().max(), (expected - actual).abs().max()]
-    largest, other, gap = torch.stack([m.double() for m in maxima]).tolist()
-    return gap <= 10.0 * math.sqrt(torch.finfo(expected.dtype).eps) * max(largest, other, 1e-30)
+def _agreeing(pairs: Sequence[Pair]) -> list[bool]:
+    """Which pairs agree up to rounding: ``10 √ε`` of the larger magnitude (the sides come from different op orders).
 
-
-def _layout(
-    out: torch.Tensor, lead: int, summed: torch.Tensor, weighted: torch.Tensor, c: torch.Tensor
-) -> Layout | None:
-    """Where the samples are among the leading axes of ``out``, or ``None`` if nowhere.
-
-    ``summed`` and ``weighted`` are the cotangents at ``out`` of some ``u``
-    (the samples of ``z`` on axis 0) and of ``u`` with sample ``n`` scaled by
-    ``c[n]``, each projected along a fixed direction of the features (one
-    number per leading position).  A reading ``(A, N, B)`` of the flattened
-    leading axes is right if ``weighted`` is ``summed`` scaled by ``c`` along
-    its middle axis: then every position of that index belongs to that sample
-    alone.  Readings are tried sample-major first (``A = 1``), then
-    sample-minor (``B = 1``), then splits at the other leading axes.
+    One host read for all of them: the three maxima of each pair (of
+    ``|actual|``, ``|expected|`` and their gap) are joined first.
     """
-    n = c.shape[0]
+    if not pairs:
+        return []
+    maxima = []
+    for actual, expected in pairs:
+        if not expected.numel():
+            maxima.append(torch.zeros(3, dtype=torch.float64, device=expected.device))
+            continue
+        a, e = actual.reshape(-1), expected.reshape(-1)
+        maxima.append(torch.stack([a, e, a - e]).abs().amax(1).double())
+    found = torch.stack(maxima).tolist()
+    tolerances = [10.0 * math.sqrt(torch.finfo(e.dtype).eps) for _, e in pairs]
+    return [gap <= tol * max(a, e, 1e-30) for (a, e, gap), tol in zip(found, tolerances)]
+
+
+def _layout_tries(out: torch.Tensor, lead: int, n: int) -> list[Layout]:
+    """The readings ``(A, B)`` of ``out``'s flattened leading axes as ``(A, N, B)``, in the order they are tried.
+
+    Sample-major first (``A = 1``), then sample-minor (``B = 1``), then
+    splits at the other leading axes.
+    """
     leading = tuple(out.shape[:lead])
     M = math.prod(leading)
     if n == 0 or M % n:
-        return None
+        return []
     candidates = [M // n, 1] + [math.prod(leading[i:]) for i in range(1, lead)]
-    for B in dict.fromkeys(candidates):
-        if (M // B) % n:
-            continue
-        A = M // (n * B)
-        if _close(weighted.reshape(A, n, B), summed.reshape(A, n, B) * c.reshape(1, n, 1)):
-            return A, B
-    return None
+    return [(M // (n * B), B) for B in dict.fromkeys(candidates) if (M // B) % n == 0]
+
+
+def _layout_pair(layout: Layout, summed: torch.Tensor, weighted: torch.Tensor, c: torch.Tensor) -> Pair:
+    """``weighted`` and ``summed`` scaled by ``c`` along the samples of ``layout``: equal if it is the right one."""
+    A, B = layout
+    n = c.shape[0]
+    return weighted.reshape(A, n, B), summed.reshape(A, n, B) * c.reshape(1, n, 1)
 
 
 def _projected(delta: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -897,16 +902,23 @@ def _projected(delta: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
 
 
 def _layouts(uses: list[_Use], blocks: dict[int, Block], weighted: dict[int, Any], c: torch.Tensor) -> dict:
-    """:func:`_layout` of every recorded output and number of leading axes, keyed ``(id(out), lead)``.
+    """Where the samples are among the leading axes of each recorded output, keyed ``(id(out), lead)``.
 
     ``blocks`` and ``weighted`` hold the cotangents at each output (by
-    ``id``) of the block of cotangents of ``z`` and of their weighted sum.
-    Outputs that ``z`` does not depend on have none.
+    ``id``) of the block of cotangents of ``z`` (the samples on axis 0) and
+    of their sum with sample ``n`` scaled by ``c[n]``, each projected along
+    a fixed direction of the features (one number per leading position).
+    A reading ``(A, N, B)`` of the flattened leading axes is right if the
+    weighted cotangent is the summed one scaled by ``c`` along its middle
+    axis: then every position of that index belongs to that sample alone.
+    The first reading of every output is judged at once (one host read);
+    an output whose first fails tries the others in turn.  ``None`` where
+    no reading holds, or for outputs that ``z`` does not depend on.
     """
-    found: dict[tuple[int, int], Layout | None] = {}
+    projected: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, list[Layout]]] = {}
     for use in uses:
         key, block, w = (id(use.out), use.lead), blocks.get(id(use.out)), weighted.get(id(use.out))
-        if key in found or block is None or w is None:
+        if key in projected or block is None or w is None:
             continue
         r = _direction(math.prod(use.out.shape[use.lead :]), w)
         # Projected first, then summed: products with a vector, no full-size sum.
@@ -916,7 +928,17 @@ def _layouts(uses: list[_Use], blocks: dict[int, Block], weighted: dict[int, Any
             summed = _projected(block[0], r)
             for d in block[1:]:
                 summed += _projected(d, r)
-        found[key] = _layout(use.out, use.lead, summed, _projected(w, r), c)
+        projected[key] = (summed, _projected(w, r), _layout_tries(use.out, use.lead, c.shape[0]))
+    found: dict[tuple[int, int], Layout | None] = {key: None for key in projected}
+    tried = [key for key, (_, _, tries) in projected.items() if tries]
+    firsts = [projected[key][2][0] for key in tried]
+    verdicts = _agreeing([_layout_pair(first, *projected[key][:2], c) for key, first in zip(tried, firsts)])
+    for key, first, holds in zip(tried, firsts, verdicts):
+        summed, w, tries = projected[key]
+        if holds:
+            found[key] = first
+        else:
+            found[key] = next((t for t in tries[1:] if _agreeing([_layout_pair(t, summed, w, c)])[0]), None)
     return found
 
 
@@ -988,16 +1010,18 @@ def per_sample_squares(
             del deltas, memo
 
         # Guard: autograd's gradient must match the recorded ops on every fast entry,
-        # and vanish on every entry no op was seen to read.
+        # and vanish on every entry no op was seen to read.  All judged with one host read.
+        pairs: list[Pair] = []
         for use in recorder.uses:
             d, g = weighted[id(use.out)], _like(grad, use.alias, flat)
             layout = layouts.get((id(use.out), use.lead))
             if d is None:  # an op whose output does not reach z implies a zero gradient on its entries
-                agrees = bool((g == 0).all())
-            elif layout is None:  # no axis of the output holds the samples
-                agrees = False
+                pairs.append((g, torch.zeros_like(g)))
+            elif layout is None:  # no axis of the output holds the samples: rejected whatever the numbers
+                pairs.append((g.new_ones(1), g.new_zeros(1)))
             else:
-                agrees = use.agrees(d, layout, g, memory_budget, kept)
+                pairs.append(use.agreement(d, layout, g, memory_budget, kept))
+        for use, agrees in zip(recorder.uses, _agreeing(pairs)):
             if not agrees:
                 reads.reject(use)
                 _like(result, use.alias, flat).fill_(0)
