@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -140,8 +141,7 @@ pointer or segmentation fault), vectorized or not; on a batch of two copies of t
 def _op_types(f: Callable[[Array, Any], Array], w: tf.Tensor, x_one: Any) -> set[str]:
     """The op types in the graph of ``f(w, x_one)`` (traced once more, on one sample)."""
     specs = tf.nest.map_structure(tf.TensorSpec.from_tensor, (w, x_one))
-    graph = tf.function(lambda *args: f(*args)).get_concrete_function(*specs).graph
-    return {op.type for op in graph.get_operations()}
+    return _graph_op_types(tf.function(lambda *args: f(*args)).get_concrete_function(*specs).graph)
 
 
 def _tile_samples(a: tf.Tensor, times: int) -> tf.Tensor:
@@ -150,6 +150,53 @@ def _tile_samples(a: tf.Tensor, times: int) -> tf.Tensor:
 
 
 # ----------------------------------------------------------------------------- the backend
+INEXACT_UNDER_XLA = frozenset({"MaxPoolGradGrad", "MaxPoolGradGradV2", "MaxPool3DGradGrad"})
+"""Ops whose XLA lowering is far less precise than TensorFlow's kernels.
+
+The second derivative of max pooling: on a CPU, TensorFlow 2.21's XLA gave a
+LeNet-5's Hessian-vector product 3 % off in float32 (its own kernels: 3e-7
+off the float64 product), and compiles no float64 kernel for it at all.
+"""
+
+
+class XlaUnlessInexact:
+    """A program compiled by XLA, unless its first trace holds an op of :data:`INEXACT_UNDER_XLA`.
+
+    The first call traces the XLA variant (tracing compiles nothing yet) and
+    looks through its graph and the functions it calls (loop bodies, nested
+    tapes).  If an inexact op is there, a ``RuntimeWarning`` says so and
+    every call runs the plain ``tf.function`` instead: slower, but right.
+    The ops come from the model, not from the shapes, so one look serves
+    every later signature.
+    """
+
+    def __init__(self, xla: Any, plain: Any) -> None:
+        self.xla, self.plain = xla, plain
+        self.chosen: Any = None
+
+    def __call__(self, *args: Any) -> Any:
+        if self.chosen is None:
+            inexact = sorted(_graph_op_types(self.xla.get_concrete_function(*args).graph) & INEXACT_UNDER_XLA)
+            if inexact:
+                warnings.warn(
+                    f"jit_compile=True: XLA computes {', '.join(inexact)} (second derivatives of max pooling) "
+                    "far less precisely than TensorFlow (3 % off in float32); this product runs without XLA",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            self.chosen = self.plain if inexact else self.xla
+        return self.chosen(*args)
+
+
+def _graph_op_types(graph: Any) -> set[str]:
+    """The op types of a traced graph and of every function in its library."""
+    definition = graph.as_graph_def()
+    found = {node.op for node in definition.node}
+    for function in definition.library.function:
+        found.update(node.op for node in function.node_def)
+    return found
+
+
 class TensorFlowBackend(Backend):
     """The TensorFlow backend (``backend="tensorflow"``, also ``"tf"`` and ``"keras"``).
 
@@ -164,7 +211,11 @@ class TensorFlowBackend(Backend):
         ``tf.autodiff.ForwardAccumulator``.
     jit_compile : bool
         Passed to ``tf.function``: compile products with XLA.  Off by default
-        because XLA rejects some ops and compiles each shape anew.
+        because XLA rejects some ops, compiles each shape anew, and takes
+        longer on some models than TensorFlow's own kernels.  On small
+        models it removes the flat parameter vector's copies.  Programs
+        with second derivatives of max pooling, which XLA gets wrong, run
+        without it, with a warning.
 
     Examples
     --------
@@ -290,9 +341,14 @@ class TensorFlowBackend(Backend):
         ``f`` goes in through ``functools.partial`` so that TensorFlow keeps
         call statistics per compiled function: its warning about frequent
         retracing would otherwise count the traces of every operator built
-        from the same code as retraces of one function.
+        from the same code as retraces of one function.  With
+        ``jit_compile=True``, a program that XLA would get wrong runs
+        without XLA (see :class:`XlaUnlessInexact`).
         """
-        return tf.function(functools.partial(f), jit_compile=self.jit_compile or None)
+        plain = tf.function(functools.partial(f))
+        if not self.jit_compile:
+            return plain
+        return XlaUnlessInexact(tf.function(functools.partial(f), jit_compile=True), plain)
 
     def hvp_function(self, loss: Callable[[Array, Any], Array]) -> Callable[[Array, Any, Array], Array]:
         if self.hvp_mode == "forward":
