@@ -35,6 +35,7 @@ from harness import (
     as_numpy,
     describe,
     estimate,
+    matched_lanczos_row,
     top_eigenvalue_rows,
     top_node,
 )
@@ -271,7 +272,7 @@ def run(name: str, spec: Model, bench: Bench) -> None:
         as_numpy,
         check_as="hvp",
     )
-    peer_rows(name, model, x, y, v, Z, bench)
+    peer_rows(name, model, x, y, v, Z, bench, H)
 
 
 def _math_attention(model: Any) -> Callable[[], Any] | None:
@@ -334,7 +335,7 @@ def backpack_rows(model: Any, x: Any, y: Any, names: list[str], bench: Bench) ->
     bench.add("ggn_trace", "BackPACK", what + ", summed", lambda: sum(d.sum() for d in diag()), lambda t: as_numpy(t))
 
 
-def peer_rows(name: str, model: Any, x: Any, y: Any, v: Any, Z: Any, bench: Bench) -> None:
+def peer_rows(name: str, model: Any, x: Any, y: Any, v: Any, Z: Any, bench: Bench, mh_hessian: Any) -> None:
     """PyHessian and curvlinops on the same model and batch, where installed."""
     import torch
 
@@ -374,6 +375,7 @@ def peer_rows(name: str, model: Any, x: Any, y: Any, v: Any, Z: Any, bench: Benc
                 check_as="trace_estimate",
             )
             # A fixed number of iterations, then PyHessian's defaults (its tol: the relative change per iteration).
+            found: dict[str, float] = {}
             for quantity, what, iterations, stop, tol in (
                 ("eigen", f"eigenvalues(maxIter={STEPS}), power iteration", STEPS, 0.0, EIGEN_TOL),
                 (
@@ -384,14 +386,21 @@ def peer_rows(name: str, model: Any, x: Any, y: Any, v: Any, Z: Any, bench: Benc
                     EIGEN_RTOL,
                 ),
             ):
+
+                def first(e: list, quantity: str = quantity) -> np.ndarray:
+                    found[quantity] = float(e[0])
+                    return np.asarray(e[:1], np.float64)
+
                 bench.add(
                     quantity,
                     "PyHessian",
                     what,
                     lambda iterations=iterations, stop=stop: comp.eigenvalues(maxIter=iterations, tol=stop)[0],
-                    lambda e: np.asarray(e[:1], np.float64),
+                    first,
                     tol=tol,
                 )
+            if "eigen_tol" in found:  # multihess at the accuracy PyHessian's defaults reached
+                matched_lanczos_row(bench, mh_hessian, "PyHessian's defaults", found["eigen_tol"])
             bench.add(
                 "density",
                 "PyHessian",
