@@ -62,6 +62,13 @@ def _jax_oracles(p: dict, x: jax.Array, y: jax.Array) -> tuple[np.ndarray, np.nd
     return H, G, ravel_pytree
 
 
+def _random_tree(p: dict, ravel: object, seed: int) -> tuple[dict, np.ndarray]:
+    """A normal vector shaped like the parameters ``p``, and the same in ``ravel_pytree`` order as a flat array."""
+    rng = np.random.default_rng(seed)
+    v = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape)), p)
+    return v, np.asarray(ravel(v)[0])
+
+
 def _without_flat_route(op: mh.CurvatureOperator, monkeypatch: pytest.MonkeyPatch) -> None:
     """Make the flat route fail, so that a product that works took the tree's own."""
 
@@ -74,9 +81,7 @@ def _without_flat_route(op: mh.CurvatureOperator, monkeypatch: pytest.MonkeyPatc
 def test_jax_tree_products_match_autodiff(monkeypatch: pytest.MonkeyPatch) -> None:
     p, x, y = _jax_setup()
     H_true, G_true, ravel = _jax_oracles(p, x, y)
-    rng = np.random.default_rng(1)
-    v = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape)), p)
-    v_flat = np.asarray(ravel(v)[0])
+    v, v_flat = _random_tree(p, ravel, seed=1)
     for op, truth in (
         (mh.hessian(_apply, p, data=(x, y), loss="cross_entropy"), H_true),
         (mh.ggn(_apply, p, data=(x, y), loss="cross_entropy"), G_true),
@@ -191,9 +196,7 @@ def test_products_without_the_finiteness_test_match_autodiff(monkeypatch: pytest
     # and a NaN goes through into the product instead of raising.
     p, x, y = _jax_setup()
     H_true, G_true, ravel = _jax_oracles(p, x, y)
-    rng = np.random.default_rng(5)
-    v = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape)), p)
-    v_flat = np.asarray(ravel(v)[0])
+    v, v_flat = _random_tree(p, ravel, seed=5)
     for build, truth in ((mh.hessian, H_true), (mh.ggn, G_true)):
         op = build(_apply, p, data=(x, y), loss="cross_entropy", check_finite=False)
         product = op._parts_product()[0]
