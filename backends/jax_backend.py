@@ -111,6 +111,31 @@ def _on_common_devices(arrays: list[Any], replicas: dict[int, tuple[Any, Any]]) 
     return out
 
 
+def _dense_matrix(f: Callable[[Array, Any, Array], Array], w: Array, batch: Any, chunk: int) -> Array:
+    """The matrix whose column ``j`` is ``f(w, batch, e_j)``, ``chunk`` columns at a time (meant to be jitted).
+
+    ``f`` is linear in its vector, so it equals its own linearization at
+    zero: ``jax.linearize`` evaluates the part that does not depend on the
+    vector (the forward pass and the gradient) once and keeps what the
+    linear part reads, and ``lax.map`` runs the linear part on each chunk
+    of unit vectors, made on the device.  A loop of batched products would
+    redo the forward pass for every chunk.
+    """
+    n = int(w.shape[0])
+    _, linear = jax.linearize(lambda v: f(w, batch, v), jnp.zeros_like(w))
+    rows_of = jax.vmap(linear)
+    chunk = max(1, min(chunk, n))
+    count = -(-n // chunk)
+    columns = jnp.arange(n)
+
+    def block(first: Array) -> Array:
+        units = (first + jnp.arange(chunk))[:, None] == columns[None, :]  # rows past n are zero
+        return rows_of(units.astype(w.dtype))
+
+    blocks = jax.lax.map(block, jnp.arange(count) * chunk)
+    return jnp.matrix_transpose(jnp.reshape(blocks, (count * chunk, -1))[:n])
+
+
 class JaxBackend(Backend):
     """The JAX backend (``backend="jax"``)."""
 
@@ -257,6 +282,12 @@ class JaxBackend(Backend):
             return runner(treedef, static, arrays)
 
         return call
+
+    def rowwise(self, f: Callable[[Array, Any, Array], Array]) -> Callable[[Array, Any, Array], Array]:
+        """The core's compiled products (see :meth:`Backend.rowwise`), with ``dense`` for dense matrices."""
+        rows_product = super().rowwise(f)
+        rows_product.dense = self.compile(functools.partial(_dense_matrix, f))  # type: ignore[attr-defined]
+        return rows_product
 
     def stop_gradient(self, x: Array) -> Array:
         return jax.lax.stop_gradient(x)

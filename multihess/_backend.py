@@ -273,7 +273,12 @@ class Backend(abc.ABC):
         the compiled program, where the compiler can drop them (a product
         with a parameter tree); ``F.on_parts_unchecked`` is the same without
         the finiteness test (``None`` in its place).  Each variant is
-        compiled on its first use.
+        compiled on its first use.  A backend may add
+        ``F.dense(w, batch, chunk)``: the ``(n, n)`` matrix whose column
+        ``j`` is ``f(w, batch, e_j)``, computed ``chunk`` columns at a time
+        in one compiled call that evaluates what does not depend on the
+        vector once (:meth:`CurvatureOperator.dense` uses it; without it,
+        dense matrices loop over chunks of batched products).
         """
         mapped = self.vmap(f, (None, None, 0))
         if mapped is None:

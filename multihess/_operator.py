@@ -261,7 +261,12 @@ class CurvatureOperator:
         """The full matrix, built from batched products on chunks of unit vectors.
 
         Only one ``(chunk_size, n)`` block of unit vectors exists at a time,
-        besides the result.  A matrix (with its twice-held concatenation)
+        besides the result.  Where the compiled product has a ``dense``
+        variant (see :meth:`Backend.rowwise`), every chunk runs in one
+        compiled call per batch that evaluates the part of the product which
+        does not depend on the vector (the forward pass, the gradient) once:
+        the columns of a last-layer block then cost little more than one
+        gradient, as with ``jax.hessian``.  A matrix (with its twice-held concatenation)
         larger than ``max_bytes`` is refused before anything is allocated.
         """
         b = self.backend
@@ -274,6 +279,12 @@ class CurvatureOperator:
                 f"{max_bytes / 2**30:.2f} GiB, max_bytes=); take a block with params=, or use an estimator "
                 "(mh.trace, mh.diagonal, mh.eigvalsh)"
             )
+        found = self._compiled_variant("dense")
+        if found is not None:  # one compiled call per batch: the part of the product shared by all columns once
+            matrix, problem = found
+            w = self.cols.w
+            with planned_passes(1, "dense"):
+                return problem.batch_sum(lambda batch: matrix(w, batch, chunk_size))
         blocks = []
         with planned_passes(-(-n // chunk_size), "dense"):
             for start in range(0, n, chunk_size):

@@ -162,6 +162,31 @@ def test_float32_model_matches_float64_oracle() -> None:
     close(G.dense(), oracle[np.ix_(last, last)], rtol=1e-5)
 
 
+@pytest.mark.parametrize("chunk_size", [1, 4, 31, 64])
+def test_dense_runs_one_linearized_program_per_batch(monkeypatch, chunk_size: int) -> None:
+    """``dense()`` through the compiled ``dense`` variant: uneven chunks, two unequal batches, Hessian and GGN."""
+    from multihess.backends import jax_backend
+
+    traced: list[int] = []
+    original = jax_backend._dense_matrix
+
+    def counting(f, w, batch, chunk):
+        traced.append(chunk)
+        return original(f, w, batch, chunk)
+
+    monkeypatch.setattr(jax_backend, "_dense_matrix", counting)
+    params, np_p, x, y = make_mlp(seed=7)
+    data = [(x[:4], y[:4]), (x[4:], y[4:])]  # the mean weights the batches by size
+    oracle = mlp_oracle(np_p, x, y, "cross_entropy")
+    close(mh.hessian(mlp_apply, params, data=data, loss="cross_entropy").dense(chunk_size=chunk_size), oracle)
+    # The last layer's GGN block equals its Hessian block (z is linear in it).
+    s = offsets(MLP_NAMES, np_p)
+    last = np.r_[s["params.Dense_1.bias"], s["params.Dense_1.kernel"]]
+    G = mh.ggn(mlp_apply, params, data=data, loss="cross_entropy", params="params.Dense_1.*")
+    close(G.dense(chunk_size=chunk_size), oracle[np.ix_(last, last)])
+    assert traced and set(traced) == {chunk_size}
+
+
 def test_linear_regression_hessian_closed_form_over_two_batches() -> None:
     rng = np.random.default_rng(4)
     X, Y = rng.normal(size=(10, 4)), rng.normal(size=(10, 1))

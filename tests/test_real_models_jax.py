@@ -273,7 +273,7 @@ def nnx_case(name: str) -> Case:
     if name == "resnet":
         for bn in (model.bn0, model.bn1, model.bn2):
             mean, var = running_stats(rng, 4)
-            bn.mean[...], bn.var[...] = mean, var
+            bn.mean[...], bn.var[...] = mean.astype(bn.mean.dtype), var.astype(bn.var.dtype)  # a cast, not a promotion
         # nnx.BatchStat leaves are arrays of the module pytree like the nnx.Param leaves; only the Params count.
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     w0, unravel = ravel_pytree(params)
@@ -462,7 +462,7 @@ def test_hessian_matches_jax_autodiff(framework: str, name: str) -> None:
         expected = np.asarray(jax.jit(jax.hessian(c.loss_of))(c.w0))
         assert rel_err(got, expected @ np.asarray(v)) <= 1e-10
         assert rel_err(H @ v, expected @ np.asarray(v)) <= 1e-10  # flat in, flat out, in the same leaf order
-        dense = np.asarray(H.dense(chunk_size=1))  # one row at a time reuses the product compiled above
+        dense = np.asarray(H.dense(chunk_size=96))  # one compiled program, 96 columns at a time
         assert rel_err(dense, expected) <= 1e-10
     # Inference-mode BatchNorm: products read the running statistics and never write them.
     after = c.stats()
@@ -475,7 +475,7 @@ def test_ggn_matches_jacobian_oracle(framework: str, name: str) -> None:
     before = c.stats()
     n = c.w0.size
     expected = ggn_oracle(c.outputs, c.w0)
-    dense = np.asarray(c.operator(mh.ggn).dense(chunk_size=n))  # one chunk: one compiled product
+    dense = np.asarray(c.operator(mh.ggn).dense(chunk_size=n))  # one chunk of every column
     assert rel_err(dense, expected) <= 1e-10  # exact in both: round-off only
     # Cross-entropy is convex in the logits, so G is PSD (up to round-off).
     assert np.linalg.eigvalsh(dense).min() >= -1e-12 * np.abs(dense).max()

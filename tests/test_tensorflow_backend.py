@@ -343,6 +343,24 @@ def test_linear_and_softmax_regression_closed_forms() -> None:
     close(mh.hessian(lambda q, x: x @ q["W"], {"W": tf.constant(W)}, data=(X, y), loss="cross_entropy").dense(), oracle)
 
 
+@pytest.mark.parametrize("onednn", [False, True])
+def test_dense_hessian_is_vectorized_unless_onednn_meets_einsum(monkeypatch, onednn: bool) -> None:
+    """``dense()`` in one compiled call: ``pfor`` over each chunk, a loop where oneDNN would see batched matmuls."""
+    from multihess.backends import tensorflow_backend
+
+    monkeypatch.setattr(tensorflow_backend, "_onednn_kernels_on", lambda: onednn)
+    rng = np.random.default_rng(11)
+    X, y, W = rng.normal(size=(N, D)), rng.integers(0, C, size=N), rng.normal(size=(D, C))
+    P = softmax(X @ W)
+    oracle = sum(np.kron(np.outer(X[i], X[i]), np.diag(P[i]) - np.outer(P[i], P[i])) for i in range(N)) / N
+    models = {"matmul": lambda q, x: x @ q["W"], "einsum": lambda q, x: tf.einsum("nd,dc->nc", x, q["W"])}
+    for name, apply in models.items():
+        H = mh.hessian(apply, {"W": tf.constant(W)}, data=(X, y), loss="cross_entropy")
+        for chunk_size in (1, 2, 5, 64):  # n = 9: one row, chunks that do not divide it, and one chunk
+            close(H.dense(chunk_size=chunk_size), oracle)
+        assert H._hvp.dense.vectorized is not (onednn and name == "einsum")
+
+
 # ----------------------------------------------------------------------------- linearization and per-sample products
 def test_linearize_and_per_sample_products() -> None:
     p, x, _ = make_data("mse", seed=16)
