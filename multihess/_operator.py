@@ -266,20 +266,24 @@ class CurvatureOperator:
         compiled call per batch that evaluates the part of the product which
         does not depend on the vector (the forward pass, the gradient) once:
         the columns of a last-layer block then cost little more than one
-        gradient, as with ``jax.hessian``.  A matrix (with its twice-held concatenation)
-        larger than ``max_bytes`` is refused before anything is allocated.
+        gradient, as with ``jax.hessian``.  A matrix larger than
+        ``max_bytes`` with the copies its building holds at once (twice the
+        matrix; three times when a compiled call's matrix is added to the
+        sum of earlier batches) is refused before anything is allocated.
         """
         b = self.backend
         m, n = self.shape
-        # The blocks and their concatenation coexist for a moment: twice the matrix.
-        needed = 2 * m * n * itemsize(self.cols.w)
+        found = self._compiled_variant("dense")
+        # The blocks and their concatenation coexist for a moment: twice the matrix.  A compiled call makes
+        # the same two copies while the sum over the earlier batches is held: three.
+        copies = 3 if found is not None and not found[1].one_batch else 2
+        needed = copies * m * n * itemsize(self.cols.w)
         if needed > max_bytes:
             raise MemoryError(
                 f"the dense {m} x {n} matrix needs {needed / 2**30:.2f} GiB while built (limit "
                 f"{max_bytes / 2**30:.2f} GiB, max_bytes=); take a block with params=, or use an estimator "
                 "(mh.trace, mh.diagonal, mh.eigvalsh)"
             )
-        found = self._compiled_variant("dense")
         if found is not None:  # one compiled call per batch: the part of the product shared by all columns once
             matrix, problem = found
             w = self.cols.w

@@ -187,6 +187,19 @@ def test_dense_runs_one_linearized_program_per_batch(monkeypatch, chunk_size: in
     assert traced and set(traced) == {chunk_size}
 
 
+def test_dense_counts_the_sum_over_batches_against_max_bytes() -> None:
+    """One batch builds the matrix and one copy; more batches hold their running sum beside those two."""
+    params, np_p, x, y = make_mlp(seed=8)
+    one = mh.hessian(mlp_apply, params, data=(x, y), loss="cross_entropy")
+    n = one.shape[0]
+    size = n * n * np.dtype(one.dtype).itemsize
+    close(one.dense(max_bytes=2 * size), mlp_oracle(np_p, x, y, "cross_entropy"))
+    two = mh.hessian(mlp_apply, params, data=[(x[:4], y[:4]), (x[4:], y[4:])], loss="cross_entropy")
+    with pytest.raises(MemoryError, match="max_bytes"):
+        two.dense(max_bytes=2 * size)
+    close(two.dense(max_bytes=3 * size), mlp_oracle(np_p, x, y, "cross_entropy"))
+
+
 def test_linear_regression_hessian_closed_form_over_two_batches() -> None:
     rng = np.random.default_rng(4)
     X, Y = rng.normal(size=(10, 4)), rng.normal(size=(10, 1))
