@@ -424,8 +424,22 @@ class TensorFlowBackend(Backend):
         def batched(w: tf.Tensor, batch: Any, rows: tf.Tensor) -> tf.Tensor:
             return tf.map_fn(lambda v: f(w, batch, v), rows)
 
+        def matrix(w: tf.Tensor, batch: Any, chunk: int) -> tf.Tensor:
+            # f is linear in v, so its Jacobian in v is the matrix: what does not depend on v (the forward pass)
+            # runs once, then a while loop of backward passes through f, chunk rows in flight.  Not pfor: on a
+            # Keras MLP's GGN (a tape inside a tape inside pfor) it returned wrong columns without an error.
+            v = tf.zeros_like(w)
+            with tf.GradientTape() as tape:
+                tape.watch(v)
+                out = f(w, batch, v)
+            return tape.jacobian(
+                out, v, unconnected_gradients=_ZERO, parallel_iterations=chunk, experimental_use_pfor=False
+            )
+
         parts, forms = self._parts(f), self._forms(batched)
-        return self._by_row_count(self.compile(single), self.compile(batched), self.compile(f), parts, forms)
+        product = self._by_row_count(self.compile(single), self.compile(batched), self.compile(f), parts, forms)
+        product.dense = self.compile(matrix)  # type: ignore[attr-defined]
+        return product
 
     def _parts(self, f: Callable[[Array, Any, Array], Array]) -> tuple[Callable[..., Any], Callable[..., Any]]:
         """``f`` compiled on the pieces of its vector, with and without the finiteness test (see ``rowwise``)."""

@@ -361,6 +361,24 @@ def test_dense_hessian_is_vectorized_unless_onednn_meets_einsum(monkeypatch, one
         assert H._hvp.dense.vectorized is not (onednn and name == "einsum")
 
 
+@pytest.mark.parametrize("modes", [dict(), dict(hvp_mode="forward"), dict(jvp_mode="accumulator")])
+def test_dense_ggn_and_forward_mode_hessian_of_a_keras_model(modes) -> None:
+    """Products through ``rowwise`` build ``dense()`` as one Jacobian in the vector: a while loop, never pfor.
+
+    pfor gave wrong columns without an error for a Keras MLP's GGN (a tape inside a tape), so the oracle is
+    NumPy float64 and the model Keras, with chunks of one row, some rows, and every row.
+    """
+    p, x, y = make_data("cross_entropy", seed=13)
+    model = make_keras(p)
+    backend = TensorFlowBackend(**modes)
+    G = mh.ggn(model, data=(x, y), loss="cross_entropy", backend=backend)
+    H = mh.hessian(model, data=(x, y), loss="cross_entropy", backend=backend)
+    assert callable(getattr(G._product, "dense", None))  # the compiled variant, not the chunk loop
+    for chunk_size in (1, 7, 64):
+        close(G.dense(chunk_size=chunk_size), ggn_oracle(p, x, y, "cross_entropy", KERAS_ORDER), rtol=1e-6)
+        close(H.dense(chunk_size=chunk_size), hessian_oracle(p, x, y, "cross_entropy", KERAS_ORDER))
+
+
 # ----------------------------------------------------------------------------- linearization and per-sample products
 def test_linearize_and_per_sample_products() -> None:
     p, x, _ = make_data("mse", seed=16)
