@@ -138,10 +138,15 @@ _UNSAFE_ON_ONE_SAMPLE = frozenset(
 pointer or segmentation fault), vectorized or not; on a batch of two copies of the sample they run."""
 
 
-def _op_types(f: Callable[[Array, Any], Array], w: tf.Tensor, x_one: Any) -> set[str]:
-    """The op types in the graph of ``f(w, x_one)`` (traced once more, on one sample)."""
-    specs = tf.nest.map_structure(lambda a: tf.TensorSpec.from_tensor(a) if tf.is_tensor(a) else a, (w, x_one))
+def _op_types(f: Callable[[Array, Any], Array], w: tf.Tensor, x: Any) -> set[str]:
+    """The op types in the graph of ``f(w, x)`` (traced once more; one sample of ``x`` is enough)."""
+    specs = tf.nest.map_structure(lambda a: tf.TensorSpec.from_tensor(a) if tf.is_tensor(a) else a, (w, x))
     return _graph_op_types(tf.function(lambda *args: f(*args)).get_concrete_function(*specs).graph)
+
+
+def _op_types_under_onednn(f: Callable[[Array, Any], Array], w: tf.Tensor, x: Any) -> set[str]:
+    """:func:`_op_types` while oneDNN's kernels are on, else nothing: the unsafe ops are unsafe only there."""
+    return _op_types(f, w, x) if _onednn_kernels_on() else set()
 
 
 class _VectorizedUnlessUnsafe:
@@ -159,7 +164,7 @@ class _VectorizedUnlessUnsafe:
 
     def __call__(self, w: tf.Tensor, batch: Any, chunk: int) -> tf.Tensor:
         if self.vectorized is None:
-            self.vectorized = not (_onednn_kernels_on() and _op_types(self.loss, w, batch) & _UNSAFE_TO_VECTORIZE)
+            self.vectorized = not _op_types_under_onednn(self.loss, w, batch) & _UNSAFE_TO_VECTORIZE
         return self.program(w, batch, chunk, self.vectorized)
 
 
@@ -536,7 +541,7 @@ class TensorFlowBackend(Backend):
         pairs = tf.reshape(U, (K * N,) + tuple(U.shape[2:]))  # cotangent k of sample n at row k·N + n
 
         first = tuple(a[:1] for a in x) if isinstance(x, tuple) else x[:1]
-        ops = _op_types(f, w, first) if _onednn_kernels_on() else set()
+        ops = _op_types_under_onednn(f, w, first)
         copies = 2 if ops & _UNSAFE_ON_ONE_SAMPLE else 1
 
         def one_pair(args: tuple[Any, tf.Tensor]) -> tf.Tensor:
