@@ -15,14 +15,20 @@ from that cotangent ``δ = ∂⟨z, u⟩/∂out`` alone:
   ``n`` (``tf.image.extract_patches``), as BackPACK does;
 - ``out = h + b``, ``out = h * g`` (``AddV2``, ``BiasAdd``, ``Mul``) with the
   parameter broadcast over the samples (biases, layer norm's scale and
-  shift): ``δ_n`` (times ``h_n``) summed over the broadcast axes.
+  shift): ``δ_n`` (times ``h_n``) summed over the broadcast axes;
+- ``out = x @ W`` with ``W`` broadcast over the leading axes of ``x``
+  (``BatchMatMulV2``, which Keras ``EinsumDense`` and attention's
+  projections lower to): as ``MatMul``, one row per position;
+- ``out = gather(table, indices)`` (``GatherV2`` on axis 0, Keras
+  ``Embedding``): ``δ_n`` at each position added to the row it picked,
+  squared per distinct (sample, row) pair.
 
 Which entries of the flat parameter vector each op reads is found in the
 graph that ``f`` traces into, not from a list of layers: the flat vector's
 views (``SplitV``, ``Reshape``, ``ExpandDims``, ``Squeeze``, ``Identity``)
 are followed to the ops that read them.  An entry read exactly once, by a
 recognized op, takes this route; every other entry that is read (embeddings,
-batch norm's folded scale, attention's einsums, tied weights, ops inside
+batch norm's folded scale, tied weights, ops inside
 nested functions or control flow) goes through the generic per-sample route
 restricted to those entries.  A subclassed layer is seen through the ops its
 ``call`` actually runs.
@@ -137,6 +143,15 @@ class _Use:
         """``Σ_n`` of the products of one cotangent ``delta`` (shaped like ``out``): ``(size,)``."""
         return tf.reduce_sum(self.products(delta[None], 0, self.num_samples)[0], axis=0)
 
+    def magnitude(self, delta: tf.Tensor) -> tf.Tensor:
+        """:meth:`total` with every term taken by its absolute value: the scale the sums' rounding is relative to.
+
+        Products that cancel to nothing (a key bias under softmax, which
+        shifts every score of a query alike) come out as rounding on both
+        sides of the guards; against this scale such rounding agrees.
+        """
+        return self.total(tf.abs(delta))
+
     def sample_bytes(self, k: int) -> int:
         """Bytes per sample that :meth:`products` holds for ``k`` cotangents (products and squares)."""
         return 2 * k * self.size * self.out.dtype.size
@@ -174,18 +189,24 @@ class _MatMul(_Use):
         return tf.reshape(g, (k, count, self.size))
 
     def total(self, delta: tf.Tensor) -> tf.Tensor:
-        g = (
-            tf.matmul(delta, self.a, transpose_a=True)
-            if self.transpose_b
-            else tf.matmul(self.a, delta, transpose_a=True)
-        )
+        return self._total(self.a, delta)
+
+    def magnitude(self, delta: tf.Tensor) -> tf.Tensor:
+        return self._total(tf.abs(self.a), tf.abs(delta))
+
+    def _total(self, a: tf.Tensor, delta: tf.Tensor) -> tf.Tensor:
+        a = tf.reshape(a, (-1, int(a.shape[-1])))  # a batched matmul's leading axes, as rows
+        delta = tf.reshape(delta, (-1, int(self.out.shape[-1])))
+        g = tf.matmul(delta, a, transpose_a=True) if self.transpose_b else tf.matmul(a, delta, transpose_a=True)
         return tf.reshape(g, (self.size,))
 
     def square_sums(self, deltas: tf.Tensor, per_cotangent: bool, budget: int) -> tf.Tensor:
         if self.rows != 1:
             return super().square_sums(deltas, per_cotangent, budget)
         # One row per sample: Σ_n (a_nᵀ δ_n)² = (a²)ᵀ (δ²), no per-sample product formed.
-        a2, d2 = self.a * self.a, deltas * deltas  # (N, in), (k, N, out)
+        a = tf.reshape(self.a, (self.num_samples, int(self.a.shape[-1])))
+        deltas = tf.reshape(deltas, (int(deltas.shape[0]), self.num_samples, int(self.out.shape[-1])))
+        a2, d2 = a * a, deltas * deltas  # (N, in), (k, N, out)
         if per_cotangent:
             g = tf.einsum(
                 "kno,ni->koi" if self.transpose_b else "ni,kno->kio", *((d2, a2) if self.transpose_b else (a2, d2))
@@ -207,6 +228,12 @@ class _Broadcast(_Use):
     axes: tuple[int, ...] = ()
     factor: tf.Tensor | None = None
 
+    def magnitude(self, delta: tf.Tensor) -> tf.Tensor:
+        d = tf.abs(delta)
+        if self.factor is not None:
+            d = d * tf.abs(tf.broadcast_to(self.factor, self.out.shape))
+        return tf.reshape(tf.reduce_sum(d, axis=[0, *self.axes]), (self.size,))
+
     def products(self, deltas: tf.Tensor, n0: Any, count: int) -> tf.Tensor:
         d = deltas[:, n0 : n0 + count]
         if self.factor is not None:
@@ -214,6 +241,68 @@ class _Broadcast(_Use):
         if self.axes:
             d = tf.reduce_sum(d, axis=[a + 1 for a in self.axes])
         return tf.reshape(d, (int(deltas.shape[0]), count, self.size))
+
+
+@dataclass(eq=False)
+class _Gather(_Use):
+    """``out = gather(table, indices)`` along axis 0 (``GatherV2``, Keras ``Embedding``): rows picked per position.
+
+    ``indices`` has the samples on axis 0 and ``positions`` entries per
+    sample; a sample's product adds ``δ`` at each position to the row of the
+    table it picked.  Positions of one sample that pick the same row add up
+    before squaring, so the squares go through the distinct (sample, row)
+    pairs: at most ``N · positions`` of them, however large the table.
+    """
+
+    indices: tf.Tensor = None  # type: ignore[assignment]
+    table_rows: int = 0
+
+    @property
+    def row_size(self) -> int:
+        return self.size // self.table_rows
+
+    def _flat(self, deltas: tf.Tensor, n0: Any, count: int) -> tuple[tf.Tensor, tf.Tensor]:
+        """Cotangents ``(count · positions, k · row)`` and the row each position picked, for ``count`` samples."""
+        k = int(deltas.shape[0])
+        d = tf.reshape(deltas[:, n0 : n0 + count], (k, -1, self.row_size))
+        picked = tf.reshape(tf.cast(self.indices[n0 : n0 + count], tf.int64), (-1,))
+        return tf.reshape(tf.transpose(d, (1, 0, 2)), (-1, k * self.row_size)), picked
+
+    def products(self, deltas: tf.Tensor, n0: Any, count: int) -> tf.Tensor:
+        k, V = int(deltas.shape[0]), self.table_rows
+        d, picked = self._flat(deltas, n0, count)
+        sample = tf.repeat(tf.range(count, dtype=tf.int64), int(picked.shape[0]) // count)
+        g = tf.math.unsorted_segment_sum(d, sample * V + picked, count * V)  # (count · V, k · row)
+        g = tf.transpose(tf.reshape(g, (count, V, k, self.row_size)), (2, 0, 1, 3))
+        return tf.reshape(g, (k, count, self.size))
+
+    def total(self, delta: tf.Tensor) -> tf.Tensor:
+        d, picked = self._flat(delta[None], 0, self.num_samples)
+        return tf.reshape(tf.math.unsorted_segment_sum(d, picked, self.table_rows), (self.size,))
+
+    def square_sums(self, deltas: tf.Tensor, per_cotangent: bool, budget: int) -> tf.Tensor:
+        k, N, V, row = int(deltas.shape[0]), self.num_samples, self.table_rows, self.row_size
+        d, picked = self._flat(deltas, 0, N)
+        M = int(picked.shape[0])
+        pair = tf.repeat(tf.range(N, dtype=tf.int64), M // N) * V + picked  # (sample, row) as one key
+        # Each distinct pair gets a slot (its rank among the distinct keys), with static shapes throughout:
+        # at most M slots, the unused ones staying zero.
+        order = tf.argsort(pair)
+        ordered = tf.gather(pair, order)
+        first = tf.concat([tf.ones((1,), tf.bool), ordered[1:] != ordered[:-1]], 0)
+        rank = tf.cumsum(tf.cast(first, tf.int64)) - 1
+        slot = tf.scatter_nd(order[:, None], rank, (M,))
+        summed = tf.math.unsorted_segment_sum(d, slot, M)  # one sample's product on one table row, per slot
+        slot_row = tf.maximum(tf.math.unsorted_segment_max(picked, slot, M), 0)  # unused slots: a zero row
+        squares = tf.reshape(summed * summed, (M, k, row))
+        if per_cotangent:
+            table = tf.math.unsorted_segment_sum(squares, slot_row, V)  # (V, k, row)
+            return tf.reshape(tf.transpose(table, (1, 0, 2)), (k, self.size))
+        table = tf.math.unsorted_segment_sum(tf.reduce_sum(squares, axis=1), slot_row, V)
+        return tf.reshape(table, (self.size,))
+
+    def sample_bytes(self, k: int) -> int:
+        return 2 * k * self.size * self.out.dtype.size
 
 
 @dataclass(eq=False)
@@ -286,6 +375,11 @@ class _Conv2D(_Use):
     def total(self, delta: tf.Tensor) -> tf.Tensor:
         d = tf.reshape(delta, (-1, self.kernel[-1]))
         p = tf.reshape(self.patches(0, self.num_samples), (int(d.shape[0]), -1))
+        return tf.reshape(tf.matmul(p, d, transpose_a=True), (self.size,))
+
+    def magnitude(self, delta: tf.Tensor) -> tf.Tensor:
+        d = tf.reshape(tf.abs(delta), (-1, self.kernel[-1]))
+        p = tf.reshape(tf.abs(self.patches(0, self.num_samples)), (int(d.shape[0]), -1))
         return tf.reshape(tf.matmul(p, d, transpose_a=True), (self.size,))
 
     def sample_bytes(self, k: int) -> int:
@@ -379,10 +473,14 @@ def _recognize(op: tf.Operation, index: int, start: int, stop: int, N: int, view
         if len(out_shape) != 2 or _static_shape(a) is None:
             return None
         return _MatMul(start, stop, out, N, a=a, transpose_b=bool(op.get_attr("transpose_b")), rows=out_shape[0] // N)
+    if op.type in ("BatchMatMulV2", "BatchMatMulV3") and index == 1 and not op.get_attr("adj_x"):
+        return _batch_matmul(op, start, stop, out, N)
     if out_shape[0] != N:
         return None
     if op.type == "Conv2D" and index == 1:
         return _conv2d(op, start, stop, out, N)
+    if op.type == "GatherV2" and index == 0:
+        return _gather(op, start, stop, out, N)
     if op.type in ("AddV2", "Add", "Mul", "BiasAdd"):
         shape = _static_shape(param)
         if shape is None:
@@ -405,6 +503,29 @@ def _recognize(op: tf.Operation, index: int, start: int, stop: int, N: int, view
             return None
         return _Broadcast(start, stop, out, N, axes=axes, factor=factor)
     return None
+
+
+def _batch_matmul(op: tf.Operation, start: int, stop: int, out: tf.Tensor, N: int) -> _Use | None:
+    """``x @ W`` with a matrix ``W`` broadcast over the leading axes of ``x`` (Keras ``EinsumDense``), else ``None``."""
+    x, w = op.inputs[0], op.inputs[1]
+    x_shape, w_shape, out_shape = _static_shape(x), _static_shape(w), _static_shape(out)
+    if x_shape is None or w_shape is None or out_shape is None or len(w_shape) < 2 or len(w_shape) > len(x_shape):
+        return None
+    if any(d != 1 for d in w_shape[:-2]) or tuple(out_shape[:-1]) != tuple(x_shape[:-1]) or x_shape[0] % N:
+        return None
+    rows = math.prod(x_shape[:-1]) // N
+    return _MatMul(start, stop, out, N, a=x, transpose_b=bool(op.get_attr("adj_y")), rows=rows)
+
+
+def _gather(op: tf.Operation, start: int, stop: int, out: tf.Tensor, N: int) -> _Use | None:
+    """Rows of a table picked by per-sample indices (``GatherV2`` on axis 0, no batch axes), else ``None``."""
+    table, indices = _static_shape(op.inputs[0]), _static_shape(op.inputs[1])
+    axis = tf.get_static_value(op.inputs[2])
+    if table is None or indices is None or len(table) < 1 or axis is None or int(axis) != 0:
+        return None
+    if op.get_attr("batch_dims") != 0 or not indices or indices[0] != N or table[0] == 0:
+        return None
+    return _Gather(start, stop, out, N, indices=op.inputs[1], table_rows=table[0])
 
 
 def _conv2d(op: tf.Operation, start: int, stop: int, out: tf.Tensor, N: int) -> _Use | None:
@@ -452,11 +573,15 @@ def _assemble(P: int, parts: list[tuple[int, int, tf.Tensor]], rows: int | None,
     return pieces[0] if len(pieces) == 1 else tf.concat(pieces, axis=-1)
 
 
-def _close(actual: np.ndarray, expected: np.ndarray, eps: float) -> bool:
-    """Agreement up to rounding: ``10 √ε`` of the larger magnitude (the two sides sum in different orders)."""
+def _close(actual: np.ndarray, expected: np.ndarray, eps: float, magnitude: float = 0.0) -> bool:
+    """Agreement up to rounding: ``10 √ε`` of the larger magnitude (the two sides sum in different orders).
+
+    ``magnitude``: the largest sum of the terms' absolute values, which
+    bounds the rounding where the terms cancel.
+    """
     if expected.size == 0:
         return True
-    scale = max(float(np.max(np.abs(expected))), float(np.max(np.abs(actual))), 1e-30)
+    scale = max(float(np.max(np.abs(expected))), float(np.max(np.abs(actual))), magnitude, 1e-30)
     return bool(np.max(np.abs(expected - actual)) <= 10.0 * math.sqrt(eps) * scale)
 
 
@@ -609,11 +734,16 @@ class StructuredSquares:
             deltas = dict(zip((id(o) for o in outs), _deltas(tape, z, outs, U))) if outs else {}
             u_c = tf.reduce_sum(U, 0) * tf.reshape(c, (N,) + (1,) * (len(U.shape) - 2))
             grad = tape.gradient(z, w, output_gradients=u_c, unconnected_gradients=_ZERO)
-            weighted, alone = [], []
+            weighted, alone, magnitudes = [], [], []
             for u in uses:
                 d = tf.reduce_sum(deltas[id(u.out)], axis=0)
                 d = tf.reshape(tf.reshape(d, (N, -1)) * c[:, None], d.shape)
                 weighted.append(u.total(d))
+                # Every cotangent by its absolute value, weighted by c ≥ 1 (and below by the largest |r_k|):
+                # a bound on the terms of both checks' sums.
+                d_abs = tf.reduce_sum(tf.abs(deltas[id(u.out)]), axis=0)
+                d_abs = tf.reshape(tf.reshape(d_abs, (N, -1)) * c[:, None], d_abs.shape)
+                magnitudes.append(tf.reduce_max(u.magnitude(d_abs)))
                 # Products are linear in the cotangent: one random combination of the K checks them all.
                 alone.append([tf.tensordot(r, u.products(deltas[id(u.out)], n, 1)[:, 0], 1) for n in samples])
             generic = []
@@ -629,7 +759,7 @@ class StructuredSquares:
                 u_n = tf.tensordot(r, U[:, n], 1)[None] / 2
                 u_n = tf.concat([u_n, u_n], 0)
                 generic.append(t.gradient(out, w, output_gradients=u_n, unconnected_gradients=_ZERO))
-            return {"grad": grad, "weighted": weighted, "alone": alone, "generic": generic}
+            return {"grad": grad, "weighted": weighted, "alone": alone, "generic": generic, "magnitudes": magnitudes}
 
         try:
             result = self.compile(check)(w, x, U)
@@ -640,9 +770,10 @@ class StructuredSquares:
         accepted = set()
         for i, (key, _) in enumerate(found["uses"]):
             a, b = key
-            ok = _close(result["weighted"][i].numpy(), grad[a:b], eps)
+            magnitude = float(result["magnitudes"][i].numpy()) * max(1.0, float(np.max(np.abs(r.numpy()))))
+            ok = _close(result["weighted"][i].numpy(), grad[a:b], eps, magnitude)
             for j in range(len(samples)):
-                ok = ok and _close(result["alone"][i][j].numpy(), result["generic"][j].numpy()[a:b], eps)
+                ok = ok and _close(result["alone"][i][j].numpy(), result["generic"][j].numpy()[a:b], eps, magnitude)
             if ok:
                 accepted.add(key)
         counts = found["counts"]

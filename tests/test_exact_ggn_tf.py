@@ -1,8 +1,8 @@
 """Exact GGN diagonals and traces of Keras models against per-sample Jacobians from plain ``tf.GradientTape``.
 
 The TensorFlow backend takes a structured route for parameters read once by
-a recognized op of the traced graph (matrix products, convolutions,
-broadcast biases and scales) and the generic per-sample route for every
+a recognized op of the traced graph (matrix products, batched ones included,
+convolutions, embedding lookups, broadcast biases and scales) and the generic per-sample route for every
 other entry; these models mix both.  The oracle knows neither: it takes the
 Jacobian of each sample's outputs evaluated alone through the model's own
 variables (``tape.jacobian``) and the closed-form square root of the loss's
@@ -127,7 +127,9 @@ def build(name: str, seed: int = 0) -> tuple[keras.Model, tf.Tensor]:
             layer.moving_variance.assign(rng.uniform(0.5, 2.0, size=layer.moving_variance.shape))
     shape = tuple(model.inputs[0].shape[1:])
     if name == "transformer":
-        x = tf.constant(rng.integers(0, 9, size=(N,) + shape), tf.int32)
+        tokens = rng.integers(0, 9, size=(N,) + shape)
+        tokens[0, :3] = 5  # one token three times in a sample: its embedding row sums three cotangents
+        x = tf.constant(tokens, tf.int32)
     else:
         x = tf.constant(rng.standard_normal((N,) + shape))
     assert all(v.dtype == "float64" for v in model.weights)
@@ -187,9 +189,14 @@ def test_exact_diagonal_and_trace_match_the_per_sample_jacobian_oracle(name: str
     assert structured_entries(backend) > 0  # every model here has some entries on the structured route
 
 
-@pytest.mark.parametrize(("name", "generic"), [("mlp", 0), ("lenet", 0), ("resnet", 12)])
+@pytest.mark.parametrize(("name", "generic"), [("mlp", 0), ("lenet", 0), ("resnet", 12), ("transformer", 0)])
 def test_the_structured_route_covers_the_recognized_entries(name: str, generic: int) -> None:
-    """Dense and convolution weights and biases take the structured route; the batch norms (12 entries) do not."""
+    """Dense, convolution, embedding and attention weights and biases take the structured route.
+
+    The batch norms (12 entries) do not.  The attention's key bias, whose
+    products cancel to rounding (softmax ignores a shift shared by a
+    query's scores), is accepted too.
+    """
     model, x = build(name)
     y = targets("mse")
     backend = Recorded()
@@ -224,6 +231,23 @@ def test_a_wrong_structured_formula_is_caught_and_its_entries_go_the_generic_rou
     got = mh.diagonal(mh.ggn(model, data=(x, y), loss="cross_entropy", backend=backend), method="exact")
     assert_matches(got.value.numpy(), oracle_diagonal(model, x, y, "cross_entropy"))
     assert backend.made[0].structured_entries() == 5 * 6 + 6 * 3  # the kernels only: the biases were rejected
+
+
+def test_a_wrong_embedding_formula_is_caught_by_the_per_sample_check(monkeypatch) -> None:
+    """The per-sample products of an embedding, doubled: only the check of samples alone can see it."""
+    original = tensorflow_per_sample._Gather.products
+
+    def doubled(self: Any, deltas: Any, n0: int, n1: int) -> Any:
+        return 2.0 * original(self, deltas, n0, n1)
+
+    monkeypatch.setattr(tensorflow_per_sample._Gather, "products", doubled)
+    model, x = build("transformer")
+    y = targets("cross_entropy")
+    backend = Recorded()
+    got = mh.diagonal(mh.ggn(model, data=(x, y), loss="cross_entropy", backend=backend), method="exact")
+    assert_matches(got.value.numpy(), oracle_diagonal(model, x, y, "cross_entropy"))
+    P = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+    assert backend.made[0].structured_entries() == P - 9 * 8  # the embedding table went the generic route
 
 
 @pytest.mark.parametrize("name", ["lenet", "transformer"])

@@ -476,9 +476,13 @@ def test_xla_compiled_products_match_closed_form() -> None:
     P = softmax(X @ W)
     oracle = sum(np.kron(np.outer(X[i], X[i]), np.diag(P[i]) - np.outer(P[i], P[i])) for i in range(N)) / N
     backend = TensorFlowBackend(jit_compile=True)
+    # 21 vectors: XLA's batched products unroll 16 rows per program, so this takes two programs.
+    V = rng.normal(size=(D * C, 21))
     for make in (mh.hessian, mh.ggn):
         op = make(lambda q, x: x @ q, tf.constant(W), data=(X, y), loss="cross_entropy", backend=backend)
         close(op.dense(), oracle)
+        close(op.matmat(tf.constant(V)), oracle @ V)
+        close(op._quadratic_forms(tf.constant(V.T)), np.einsum("ik,ij,jk->k", V, oracle, V))
 
 
 def _pooling_net(dtype: str) -> keras.Model:
