@@ -447,6 +447,27 @@ def test_a_convolution_read_twice_takes_the_generic_route(generic_entries) -> No
     assert generic_entries == [conv]  # the tied kernel and bias, and nothing of the head
 
 
+@pytest.mark.parametrize("name", ["tied_conv", "layouts", "lenet"])
+def test_batches_of_one_structure_reuse_the_guards_verdicts(name: str, generic_entries, monkeypatch) -> None:
+    """Two batches of one shape, streamed: the guards run on the first only, and both sums stay exact.
+
+    ``tied_conv`` keeps entries on the generic route, ``layouts`` outputs
+    whose samples are not on axis 0: what is reused must carry both.
+    """
+    model, x, y, loss = _model(name)
+    x2 = x + 0.5 * torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(5))
+    expected = whole_batch_diagonal(model, torch.cat([x, x2]), torch.cat([y, y]), loss)
+    guards = []
+    original = torch_per_sample._layouts
+    monkeypatch.setattr(torch_per_sample, "_layouts", lambda *a: guards.append(1) or original(*a))
+    G = mh.ggn(model, data=[(x, y), (x2, y)], loss=loss)
+    for _ in range(2):
+        got = mh.diagonal(G, method="exact").value.numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12 * expected.max())
+    assert len(guards) == 1
+    assert len(generic_entries) == (4 if name == "tied_conv" else 0)  # the tied entries, every batch, every call
+
+
 @pytest.mark.parametrize("name", ["conv2d_dilation_groups", "conv3d", "residual_bn_eval", "layouts"])
 @pytest.mark.parametrize("per_cotangent", [False, True])
 def test_squares_of_random_cotangents_in_small_chunks(name: str, per_cotangent: bool, generic_entries) -> None:
