@@ -723,21 +723,22 @@ class _Reads:
         else:
             _like(self.slow_mask, use.alias, self.flat).fill_(True)
 
-    def generic(self, grad: torch.Tensor) -> torch.Tensor:
-        """Indices of the entries for the generic route: read otherwise, rejected, or unread but with a gradient."""
-        if not self.ranges:
-            return torch.nonzero(self.slow_mask | (self.unread & (grad != 0))).reshape(-1)
-        parts = []
-        covered = sorted(self.spans)
+    def gaps(self) -> list[tuple[int, int]]:
+        """The ranges of entries no op was seen to read (reads as ranges only)."""
         edges, stop = [], 0
-        for a, b in covered:  # the gaps between read ranges: entries no op was seen to read
+        for a, b in sorted(self.spans):
             if a > stop:
                 edges.append((stop, a))
             stop = max(stop, b)
         if stop < self.P:
             edges.append((stop, self.P))
-        for a, b in edges:
-            parts.append(torch.nonzero(grad[a:b]).reshape(-1) + a)
+        return edges
+
+    def generic(self, grad: torch.Tensor) -> torch.Tensor:
+        """Indices of the entries for the generic route: read otherwise, rejected, or unread but with a gradient."""
+        if not self.ranges:
+            return torch.nonzero(self.slow_mask | (self.unread & (grad != 0))).reshape(-1)
+        parts = [torch.nonzero(grad[a:b]).reshape(-1) + a for a, b in self.gaps()]
         for a, b in self.slow:
             parts.append(torch.arange(a, b, device=grad.device))
         if not parts:
@@ -1120,9 +1121,12 @@ class _Verdict:
 def _structure(recorder: _Recorder, reads: _Reads, flat: torch.Tensor, z: torch.Tensor, x: Any) -> tuple | None:
     """What the guards' verdicts depend on: every recorded read (op kind, entries, output shape), and the shapes.
 
-    ``None`` where the reads are not ranges of the flat vector (nothing is kept then).
+    ``None`` where nothing may be kept: reads that are not ranges of the flat
+    vector, or entries no op was seen to read.  Those are judged by their
+    gradient on each batch (an op the recording cannot see may read them,
+    and a batch where every such product vanishes says nothing of the next).
     """
-    if not reads.ranges:
+    if not reads.ranges or reads.gaps():
         return None
     uses = tuple((type(u).__name__, _span(u.alias, flat), tuple(u.out.shape), u.lead) for u in recorder.uses)
     others = tuple(_span(t, flat) for t in recorder.others)

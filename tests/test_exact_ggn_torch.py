@@ -468,6 +468,35 @@ def test_batches_of_one_structure_reuse_the_guards_verdicts(name: str, generic_e
     assert len(generic_entries) == (4 if name == "tied_conv" else 0)  # the tied entries, every batch, every call
 
 
+class WithSpare(nn.Module):
+    """An MLP with a parameter its forward pass never reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+        self.spare = nn.Parameter(torch.ones(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_entries_no_op_reads_are_judged_on_every_batch(monkeypatch) -> None:
+    """An entry the recording never sees read might be read where it cannot look: nothing about it is kept."""
+    torch.manual_seed(0)
+    model = WithSpare().double()
+    x, y = _data((6, 4), 3)
+    x2 = x + 0.5
+    expected = whole_batch_diagonal(model, torch.cat([x, x2]), torch.cat([y, y]), "cross_entropy")
+    guards = []
+    original = torch_per_sample._layouts
+    monkeypatch.setattr(torch_per_sample, "_layouts", lambda *a: guards.append(1) or original(*a))
+    G = mh.ggn(model, data=[(x, y), (x2, y)], loss="cross_entropy")
+    for _ in range(2):
+        got = mh.diagonal(G, method="exact").value.numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12 * expected.max())
+    assert len(guards) == 4  # two batches, two calls
+
+
 @pytest.mark.parametrize("name", ["conv2d_dilation_groups", "conv3d", "residual_bn_eval", "layouts"])
 @pytest.mark.parametrize("per_cotangent", [False, True])
 def test_squares_of_random_cotangents_in_small_chunks(name: str, per_cotangent: bool, generic_entries) -> None:
