@@ -27,9 +27,9 @@ Which entries of the flat parameter vector each op reads is found in the
 graph that ``f`` traces into, not from a list of layers: the flat vector's
 views (``SplitV``, ``Reshape``, ``ExpandDims``, ``Squeeze``, ``Identity``)
 are followed to the ops that read them.  An entry read exactly once, by a
-recognized op, takes this route; every other entry that is read (embeddings,
-batch norm's folded scale, tied weights, ops inside
-nested functions or control flow) goes through the generic per-sample route
+recognized op, takes this route; every other entry that is read (batch
+norm's folded scale, tied weights, ops inside nested functions or control
+flow) goes through the generic per-sample route
 restricted to those entries.  A subclassed layer is seen through the ops its
 ``call`` actually runs.
 
@@ -49,7 +49,10 @@ met (and their verdict kept): for every recognized read,
   those samples evaluated alone: this pins that the op's input rows of a
   sample depend on that sample only.
 
-Reads that fail either go the generic route.  Where entries take both routes,
+"Equal" means within ``10 √ε`` of the larger side or of the same sums taken
+over the terms' absolute values, whichever is larger: products that cancel
+(an attention's key bias) are rounding on both sides.  Reads that fail
+either go the generic route.  Where entries take both routes,
 the first calls time the mixed route against the generic route for every
 entry and later calls take the faster (both are exact).
 """
@@ -300,9 +303,6 @@ class _Gather(_Use):
             return tf.reshape(tf.transpose(table, (1, 0, 2)), (k, self.size))
         table = tf.math.unsorted_segment_sum(tf.reduce_sum(squares, axis=1), slot_row, V)
         return tf.reshape(table, (self.size,))
-
-    def sample_bytes(self, k: int) -> int:
-        return 2 * k * self.size * self.out.dtype.size
 
 
 @dataclass(eq=False)
