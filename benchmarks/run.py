@@ -59,6 +59,9 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results, or $OUT/results)")
     parser.add_argument("--tag", default=None, help="file name stem of the results (default: device and scale)")
     parser.add_argument("-v", "--verbose", action="count", default=1, help="-v: tracebacks of failing rows")
+    parser.add_argument(
+        "--no-memory", action="store_true", help="leave the peak memory column empty (skips the CPU memory pass)"
+    )
     parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)  # the CPU memory pass
     args = parser.parse_args()
     if args.quick:
@@ -68,7 +71,9 @@ def main() -> None:
     skipped = sorted(set(args.frameworks) - set(frameworks))
     setup(args, frameworks)
     memory = Memory(args.device, measuring=args.memory_only)
-    if not (args.quick or args.memory_only) and memory.needs_own_pass:
+    if args.no_memory:
+        memory.peaks = {}  # every row's peak unknown: the column stays empty
+    elif not (args.quick or args.memory_only) and memory.needs_own_pass:
         memory.peaks = measure_in_own_process(out_dir)
     rows: list[Row] = []
     settings = vars(args) | {"frameworks_run": frameworks, "frameworks_missing": skipped}
