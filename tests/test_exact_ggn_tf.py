@@ -217,37 +217,30 @@ def test_a_subclassed_dense_reading_its_kernel_twice_takes_the_generic_route() -
     assert backend.made[0].structured_entries() == P - 20
 
 
-def test_a_wrong_structured_formula_is_caught_and_its_entries_go_the_generic_route(monkeypatch) -> None:
+# A doubled broadcast product breaks the first-moment check (its ``total`` comes from the products); a doubled
+# embedding product only the check of samples alone can see (its ``total`` has a formula of its own).
+@pytest.mark.parametrize(
+    ("use", "name", "rejected"),
+    [("_Broadcast", "mlp", 6 + 3), ("_Gather", "transformer", 9 * 8)],  # the biases; the embedding table
+)
+def test_a_wrong_structured_formula_is_caught_and_its_entries_go_the_generic_route(
+    monkeypatch, use: str, name: str, rejected: int
+) -> None:
     """The guards compare with ordinary and per-sample gradients: a broken rule costs time, never correctness."""
-    original = tensorflow_per_sample._Broadcast.products
+    kind = getattr(tensorflow_per_sample, use)
+    original = kind.products
 
     def doubled(self: Any, deltas: Any, n0: int, n1: int) -> Any:
         return 2.0 * original(self, deltas, n0, n1)
 
-    monkeypatch.setattr(tensorflow_per_sample._Broadcast, "products", doubled)
-    model, x = build("mlp")
-    y = targets("cross_entropy")
-    backend = Recorded()
-    got = mh.diagonal(mh.ggn(model, data=(x, y), loss="cross_entropy", backend=backend), method="exact")
-    assert_matches(got.value.numpy(), oracle_diagonal(model, x, y, "cross_entropy"))
-    assert backend.made[0].structured_entries() == 5 * 6 + 6 * 3  # the kernels only: the biases were rejected
-
-
-def test_a_wrong_embedding_formula_is_caught_by_the_per_sample_check(monkeypatch) -> None:
-    """The per-sample products of an embedding, doubled: only the check of samples alone can see it."""
-    original = tensorflow_per_sample._Gather.products
-
-    def doubled(self: Any, deltas: Any, n0: int, n1: int) -> Any:
-        return 2.0 * original(self, deltas, n0, n1)
-
-    monkeypatch.setattr(tensorflow_per_sample._Gather, "products", doubled)
-    model, x = build("transformer")
+    monkeypatch.setattr(kind, "products", doubled)
+    model, x = build(name)
     y = targets("cross_entropy")
     backend = Recorded()
     got = mh.diagonal(mh.ggn(model, data=(x, y), loss="cross_entropy", backend=backend), method="exact")
     assert_matches(got.value.numpy(), oracle_diagonal(model, x, y, "cross_entropy"))
     P = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
-    assert backend.made[0].structured_entries() == P - 9 * 8  # the embedding table went the generic route
+    assert backend.made[0].structured_entries() == P - rejected
 
 
 @pytest.mark.parametrize("name", ["lenet", "transformer"])
