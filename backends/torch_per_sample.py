@@ -982,7 +982,7 @@ def per_sample_squares(
         structure = _structure(recorder, reads, flat, z, x)
         known = verdicts.get(structure) if structure is not None else None
         if known is not None:
-            return _squares_as_before(known, recorder.uses, z, outs, x, U, reads, memory_budget)
+            return _squares_as_before(known, recorder.uses, z, outs, position, k_chunk, x, U, reads, memory_budget)
 
         # One factor per sample, the same on every call (in [1, 2): never zero).  With
         # u_c = (Σ_k u_k) c, one backward pass gives autograd's gradient on every entry
@@ -1054,6 +1054,8 @@ def per_sample_squares(
         uses: list[_Use],
         z: torch.Tensor,
         outs: list[torch.Tensor],
+        position: dict[int, int],
+        k_chunk: int,
         x: Any,
         U: torch.Tensor,
         reads: _Reads,
@@ -1061,9 +1063,6 @@ def per_sample_squares(
     ) -> torch.Tensor:
         """The squares of a structure met before: its layouts and the guards' verdicts are reused."""
         flat, (K, P) = reads.flat, (U.shape[0], reads.P)
-        position = {id(o): i for i, o in enumerate(outs)}
-        per_cot = sum(o.numel() for o in outs) * outs[0].element_size()
-        k_chunk = int(max(1, min(K, memory_budget // max(per_cot, 1))))
         result = torch.zeros((K, P) if per_cotangent else (P,), dtype=flat.dtype, device=flat.device)
         layout_of = [None if i in known.rejected else layout for i, layout in enumerate(known.layouts)]
         for k0 in range(0, K, k_chunk):
