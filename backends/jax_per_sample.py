@@ -17,6 +17,10 @@ product made from ``δ`` alone:
   matrices of the rows, ``Σ_{t,s} (a_t a_s) ⊗ Σ_k (δ_kt δ_ks)`` (``T²``
   terms; for ``T = 1`` the matrix product ``(a²)ᵀ(δ²)`` over the samples):
   see :func:`_gram`;
+- ``y = conv_general_dilated(x, K)`` (any layout, strides, padding and
+  dilations, no feature or batch groups): a dense product whose rows are the
+  output positions and whose activation is the windows of ``x`` the kernel
+  sees (``lax.conv_general_dilated_patches``), as BackPACK does;
 - ``y = h ± b`` with ``b`` broadcast over some axes of ``h`` (a dense or a
   convolution bias): ``±δ_n`` summed over the broadcast axes;
 - ``y = gather(E, i)`` of whole rows of a table ``E`` (``E[tokens]``,
@@ -42,7 +46,7 @@ of indices into ``w``), and into the sub-jaxprs of ``jit``/``pjit`` and
 functions may nest those).  Every other equation that receives a view is an
 "other read": ``custom_jvp``/``custom_vjp`` calls, ``checkpoint``, control
 flow and everything else are not entered (entering them would drop their
-custom rules), convolutions, norms (``x * scale``), other gathers,
+custom rules), grouped convolutions, norms (``x * scale``), other gathers,
 ``dot_general`` with batch dimensions (attention), and views read by two
 ops (tied weights).
 
@@ -180,6 +184,10 @@ class _Use:
     free_size: int = 0
     param_shape: tuple[int, ...] = ()  # the parameter's axes reordered: contracted first, then free
     param_inverse: tuple[int, ...] = ()
+    # a convolution read as dense: the output axis of the kernel's output features (δ's free axis), and how to
+    # cut the input into the windows the kernel sees (the activation of the dense reading)
+    out_feature: int = -1
+    windows: dict[str, Any] | None = None
     # bias: the output axes summed over, the sign of the parameter, and the activation added to it
     axes: tuple[int, ...] = ()
     sign: float = 1.0
@@ -301,8 +309,82 @@ def _embedding(eqn: Any, key: Key, views: list[np.ndarray | None]) -> _Use | Non
     )
 
 
+def _conv(eqn: Any, key: Key, views: list[np.ndarray | None]) -> _Use | None:
+    """``conv_general_dilated`` of an activation with a parameter view as its kernel, without feature groups.
+
+    Read as a dense use, as BackPACK does: the activation's windows
+    (``lax.conv_general_dilated_patches``, one row per output position, the
+    kernel's input features and window offsets as columns) times the kernel
+    as a matrix, so a sample's product is ``windowsᵀ δ_n``.
+    """
+    params = eqn.params
+    view = views[1] if len(views) == 2 else None
+    if view is None or views[0] is not None or params["feature_group_count"] != 1 or params["batch_group_count"] != 1:
+        return None
+    dn = params["dimension_numbers"]
+    spatial = tuple(int(d) for d in dn.rhs_spec[2:])
+    act_aval = eqn.invars[0].aval
+    if (
+        not jnp.issubdtype(act_aval.dtype, jnp.floating)
+        or not _distinct(view)
+        or spatial != tuple(sorted(spatial))  # windows' columns run over the kernel's axes in their own order
+        or params.get("preferred_element_type") is not None
+    ):
+        return None
+    out_shape = tuple(eqn.outvars[0].aval.shape)
+    feature, kernel_out = int(dn.out_spec[1]), int(dn.rhs_spec[0])
+    rows_axes = tuple(d for d in range(len(out_shape)) if d != feature)
+    order = (int(dn.rhs_spec[1]), *spatial, kernel_out)
+    return _Use(
+        key,
+        "dense",
+        1,
+        view,
+        view,
+        eqn.outvars[0],
+        act=0,
+        act_perm=rows_axes + (feature,),
+        rows=math.prod(out_shape[d] for d in rows_axes),
+        in_size=math.prod(view.shape[d] for d in order[:-1]),
+        free_size=int(view.shape[kernel_out]),
+        param_shape=tuple(view.shape[d] for d in order),
+        param_inverse=tuple(int(i) for i in np.argsort(order)),
+        out_feature=feature,
+        windows={
+            "filter_shape": tuple(int(view.shape[d]) for d in spatial),
+            "window_strides": params["window_strides"],
+            "padding": params["padding"],
+            "lhs_dilation": params["lhs_dilation"],
+            "rhs_dilation": params["rhs_dilation"],
+            "dimension_numbers": _spec_strings(dn, len(out_shape)),
+            "precision": params.get("precision"),
+        },
+    )
+
+
+def _spec_strings(dn: Any, ndim: int) -> tuple[str, str, str]:
+    """A convolution's dimension numbers (axis positions) as the layout strings ``lax`` takes, e.g. ``NHWC``."""
+    letters = "HWDXYZUV"
+
+    def layout(spec: Sequence[int], batch: str, feature: str) -> str:
+        chars = [""] * ndim
+        chars[spec[0]], chars[spec[1]] = batch, feature
+        for i, d in enumerate(spec[2:]):
+            chars[d] = letters[i]
+        return "".join(chars)
+
+    return layout(dn.lhs_spec, "N", "C"), layout(dn.rhs_spec, "O", "I"), layout(dn.out_spec, "N", "C")
+
+
+def _activation(use: _Use, invals: Sequence[Any]) -> Any:
+    """What a recognized use's products contract its cotangent with: the operand, or a convolution's windows."""
+    a = invals[use.act]
+    return a if use.windows is None else jax.lax.conv_general_dilated_patches(a, **use.windows)
+
+
 _RECOGNIZERS: dict[str, Callable[[Any, Key, list[np.ndarray | None]], _Use | None]] = {
     "dot_general": _dense,
+    "conv_general_dilated": _conv,
     "gather": _embedding,
     "add": _bias,
     "sub": _bias,
@@ -594,7 +676,7 @@ def _evaluate(
                     ans = eqn.primitive.bind(*invals, **params)
                 outs = list(ans) if eqn.primitive.multiple_results else [ans]
             for u in plan.record.get(key, ()):
-                acts[u] = invals[plan.uses[u].act]
+                acts[u] = _activation(plan.uses[u], invals)
             slot = plan.probe_at.get(key)
             if slot is not None:
                 outs[0] = outs[0] + probes[slot]
@@ -856,8 +938,10 @@ def _run(entry: _Compiled, w: Array, leaves: list[Array], U: Array, budget: int)
     # every probe, and the backward pass's working set.
     sequences = sum(u.entries.size for u in plan.uses if u.kind == "dense" and u.rows > 1)
     per_pair = (plan.S + sequences + sum(math.prod(s) for s, _ in plan.probes) + plan.work) * item
-    k_chunk = int(max(1, min(K, budget // max(per_pair, 1))))
-    n_chunk = int(max(1, min(N, budget // max(k_chunk * per_pair, 1))))
+    # Per sample, whatever the cotangents: the windows of the convolutions read as dense.
+    per_sample = sum(u.rows * u.in_size for u in plan.uses if u.windows is not None) * item
+    k_chunk = int(max(1, min(K, (budget - per_sample) // max(per_pair, 1))))
+    n_chunk = int(max(1, min(N, budget // max(k_chunk * per_pair + per_sample, 1))))
     unroll, timed = entry.passes.choose(k_chunk)
     start = time.perf_counter()
     parts = []
@@ -925,6 +1009,8 @@ def _dense_rows(use: _Use, act: Array, dtype: Any) -> Array:
 def _dense_deltas(use: _Use, delta: Array, dtype: Any) -> Array:
     """``δ`` at a dense use's output as ``(k, rows, free)``, from ``(k, *out)``."""
     k = delta.shape[0]
+    if use.out_feature >= 0:  # a convolution: its output features, wherever they are, become the last axis
+        delta = jnp.moveaxis(delta, 1 + use.out_feature, -1)
     if use.rows_last:  # the parameter is the left operand: its free axes come first in the output
         return jnp.swapaxes(delta.reshape(k, use.free_size, use.rows), 1, 2).astype(dtype)
     return delta.reshape(k, use.rows, use.free_size).astype(dtype)

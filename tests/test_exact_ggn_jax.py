@@ -1,9 +1,10 @@
 """Exact GGN diagonals of JAX models against per-sample Jacobians and the loss's Hessian, in float64.
 
 The JAX backend reads the model's jaxpr: parameters read once by a matrix
-product (of one row per sample or of a sequence of rows) or an added bias
-take a structured route, everything else (a convolution kernel, a tied
-weight) the generic per-sample route restricted to those entries.  The oracle knows
+product (of one row per sample or of a sequence of rows), a convolution
+without feature groups, an embedding lookup or an added bias take a
+structured route, everything else (a grouped convolution, a tied weight) the
+generic per-sample route restricted to those entries.  The oracle knows
 neither: ``diag(G) = Σ_n diag(J_nᵀ H_n J_n)`` with ``J_n`` from
 ``jax.jacrev`` of the model on sample ``n`` alone and ``H_n`` the block of
 ``jax.hessian`` of the loss in the outputs, all in float64.  It uses no
@@ -181,6 +182,34 @@ def embedding() -> tuple[Apply, dict]:
     return apply, shapes
 
 
+def convolutions() -> tuple[Apply, dict]:
+    """Convolutions in several layouts, read as dense products of windows, and a grouped one (generic route).
+
+    Inputs ``(N, 72)`` as ``6 × 6`` images of 2 channels.  ``k1`` (HWIO, stride
+    ``(2, 1)``, uneven padding, a dilated kernel) with a bias; ``k2`` in
+    NCHW / OIHW; ``k3`` transposed (``lhs_dilation``); ``g`` with three
+    feature groups; a dense head.
+    """
+    shapes = {"k1": (3, 3, 2, 4), "b1": (4,), "k2": (3, 4, 2, 2), "k3": (2, 2, 3, 3), "g": (2, 2, 1, 3)}
+    shapes["head"] = (24, 3)
+
+    def apply(p: dict, x: jax.Array) -> jax.Array:
+        n = x.shape[0]
+        nhwc = ("NHWC", "HWIO", "NHWC")
+        h = lax.conv_general_dilated(
+            x.reshape(n, 6, 6, 2), p["k1"], (2, 1), ((1, 0), (2, 1)), rhs_dilation=(1, 2), dimension_numbers=nhwc
+        )
+        h = jnp.tanh(h + p["b1"]).transpose(0, 3, 1, 2)  # (n, 4, 3, 5)
+        h = jnp.tanh(lax.conv_general_dilated(h, p["k2"], (1, 1), "VALID", dimension_numbers=("NCHW", "OIHW", "NCHW")))
+        h = h.transpose(0, 2, 3, 1)  # (n, 2, 4, 3)
+        h = lax.conv_general_dilated(h, p["k3"], (1, 1), ((1, 1), (1, 1)), lhs_dilation=(2, 2), dimension_numbers=nhwc)
+        h = jnp.tanh(h)
+        h = lax.conv_general_dilated(h, p["g"], (2, 2), "VALID", dimension_numbers=nhwc, feature_group_count=3)
+        return jnp.tanh(h).reshape(n, -1) @ p["head"]
+
+    return apply, shapes
+
+
 def layouts() -> tuple[Apply, dict]:
     """Kernels stored ``(out, in)`` (``x @ W.T``, and ``W @ x_n`` under vmap), subtracted biases, a nested jit."""
     shapes = {"A": (5, 4), "a": (5,), "B": (4, 5), "b": (4,), "C": (3, 4), "c": (3,)}
@@ -209,6 +238,7 @@ MODELS: dict[str, Callable[[], tuple[Apply, dict, int]]] = {
     "mixed": lambda: (*mixed(), 8),
     "layouts": lambda: (*layouts(), 4),
     "sequence": lambda: (*sequence(), 12),
+    "convolutions": lambda: (*convolutions(), 72),
 }
 
 
@@ -232,7 +262,7 @@ def test_unused_and_dead_entries_are_zero() -> None:
     diag = exact_diagonal(apply, params, x, y, "cross_entropy")
     _, unravel = ravel_pytree(params)
     assert np.all(np.asarray(unravel(jnp.asarray(diag))["unused"]) == 0.0)
-    assert np.all(np.asarray(unravel(jnp.asarray(diag))["conv_w"]) > 0.0)  # the generic route did run
+    assert np.all(np.asarray(unravel(jnp.asarray(diag))["tied"]) > 0.0)  # the generic route did run
 
 
 # ----------------------------------------------------------------------------- routes
@@ -249,13 +279,26 @@ def test_recognized_entries_take_the_structured_route() -> None:
     mask = jax_per_sample.structured_entries(binding.apply, binding.w, x)
     _, unravel = ravel_pytree(params)
     routes = {k: np.asarray(v) for k, v in unravel(jnp.asarray(mask, jnp.float64)).items()}
-    # Read once by a matrix product (of one row or of 4 tokens per sample), or by an added bias (also over
-    # positions).
-    for name in ("conv_b", "seq_w", "seq_b", "head_w", "head_b"):
+    # Read once by a matrix product (of one row or of 4 tokens per sample), a convolution, or an added bias
+    # (also over positions).
+    for name in ("conv_w", "conv_b", "seq_w", "seq_b", "head_w", "head_b"):
         assert routes[name].all(), name
-    # A convolution, a weight read twice, a leaf nothing reads.
-    for name in ("conv_w", "tied", "unused"):
+    # A weight read twice, a leaf nothing reads.
+    for name in ("tied", "unused"):
         assert not routes[name].any(), name
+
+
+def test_convolutions_take_the_structured_route_except_grouped_ones() -> None:
+    apply, shapes, d = MODELS["convolutions"]()
+    params = _init(shapes)
+    x, _ = data(5, d, 3)
+    _, binding = _bind(apply, params)
+    mask = jax_per_sample.structured_entries(binding.apply, binding.w, x)
+    _, unravel = ravel_pytree(params)
+    routes = {k: np.asarray(v) for k, v in unravel(jnp.asarray(mask, jnp.float64)).items()}
+    for name in ("k1", "b1", "k2", "k3", "head"):
+        assert routes[name].all(), name
+    assert not routes["g"].any()  # feature groups: each output reads a slice of the input's channels
 
 
 def test_sequence_kernels_take_the_structured_route() -> None:
@@ -431,15 +474,21 @@ def test_convolutions_start_unrolled_on_a_cpu() -> None:
 
 # ----------------------------------------------------------------------------- the guard
 @pytest.mark.parametrize(
-    ("rule", "model", "classes"), [("_bias_product", "tanh_mlp_bias", 3), ("_dense_deltas", "sequence", 2)]
+    ("rule", "model", "classes"),
+    [("_bias_product", "tanh_mlp_bias", 3), ("_dense_deltas", "sequence", 2), ("_activation", "convolutions", 3)],
 )
 def test_guard_sends_wrong_products_to_the_generic_route(
     monkeypatch: pytest.MonkeyPatch, rule: str, model: str, classes: int
 ) -> None:
     # A structured product off by a factor 2 (its squares by 4): the first moment disagrees with autograd's
-    # gradient, so those entries must go the generic route and the diagonal stay exact.
+    # gradient, so those entries must go the generic route and the diagonal stay exact.  For the activations,
+    # only the convolutions' windows are doubled.
     original = getattr(jax_per_sample, rule)
-    monkeypatch.setattr(jax_per_sample, rule, lambda use, delta, dtype: 2.0 * original(use, delta, dtype))
+    if rule == "_activation":
+        wrong = lambda use, invals: original(use, invals) * (1.0 if use.windows is None else 2.0)  # noqa: E731
+    else:
+        wrong = lambda use, delta, dtype: 2.0 * original(use, delta, dtype)  # noqa: E731
+    monkeypatch.setattr(jax_per_sample, rule, wrong)
     apply, shapes, d = MODELS[model]()
     params = _init(shapes)
     x, y = data(6, d, classes)
