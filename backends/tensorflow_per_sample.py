@@ -84,6 +84,8 @@ _TRIALS = 2
 """Timed calls of each route before choosing between the mixed and the generic route (the fastest counts)."""
 _CHECK_SAMPLES = 2
 """Samples whose structured products are compared with their own per-sample VJPs (the first and the last)."""
+_DERIVED_JACOBIAN_ENTRIES = 2**20
+"""Entries up to which the Jacobians of tensors derived from parameters alone are formed (see :class:`_Derived`)."""
 
 
 def _sample_slice(x: Any, start: int, stop: int) -> Any:
@@ -134,6 +136,14 @@ class _Use:
     def key(self) -> tuple[int, int]:
         return (self.start, self.stop)
 
+    def outputs(self) -> list[tf.Tensor]:
+        """The op outputs whose cotangents the products are made from."""
+        return [self.out]
+
+    def pick(self, deltas: dict[int, Any]) -> Any:
+        """This read's cotangents from those of every output (keyed by ``id``), as :meth:`products` takes them."""
+        return deltas[id(self.out)]
+
     @property
     def size(self) -> int:
         return self.stop - self.start
@@ -161,7 +171,7 @@ class _Use:
 
     def square_sums(self, deltas: tf.Tensor, per_cotangent: bool, budget: int) -> tf.Tensor:
         """``Σ_n`` of the squared products: ``(k, size)`` if ``per_cotangent``, else ``(size,)``."""
-        k, N = int(deltas.shape[0]), self.num_samples
+        k, N = int((deltas[0] if isinstance(deltas, list) else deltas).shape[0]), self.num_samples
         n_chunk = int(max(1, min(N, budget // max(self.sample_bytes(k), 1))))
 
         def chunk(n0: Any, count: int) -> tf.Tensor:
@@ -387,6 +397,66 @@ class _Conv2D(_Use):
         return (2 * k * self.size + positions * self.size // self.kernel[-1]) * self.out.dtype.size
 
 
+@dataclass(eq=False)
+class _Derived(_Use):
+    """Entries ``start:stop`` that reach the samples only through tensors computed from parameters alone.
+
+    Inference batch norm folds its scale into ``γ / √(var + ε)`` and its
+    shift into ``β - mean · γ / √(var + ε)`` before either meets a sample.
+    Each such derived tensor ``D`` read by the samples is read by recognized
+    ops (``reads``, over ``D``'s own entries), and the entries' per-sample
+    products are those of the reads pulled back through ``J = ∂D/∂w``:
+    ``Σ_reads products_D · J``.  ``jacobians`` (one ``(|D|, size)`` matrix per
+    read) are computed in the traced graph from the ``sources``, the views of
+    ``w`` the parameter-only ops read.
+    """
+
+    reads: list[_Use] = field(default_factory=list)
+    tensors: list[tf.Tensor] = field(default_factory=list)
+    sources: list[tuple[tf.Tensor, int, int]] = field(default_factory=list)
+    jacobians: list[tf.Tensor] = field(default_factory=list)
+
+    def outputs(self) -> list[tf.Tensor]:
+        return [r.out for r in self.reads]
+
+    def pick(self, deltas: dict[int, Any]) -> list[Any]:
+        return [deltas[id(r.out)] for r in self.reads]
+
+    def products(self, deltas: list[tf.Tensor], n0: Any, count: int) -> tf.Tensor:
+        parts = [
+            tf.einsum("knd,dp->knp", r.products(d, n0, count), J) for r, d, J in zip(self.reads, deltas, self.jacobians)
+        ]
+        return tf.add_n(parts) if len(parts) > 1 else parts[0]
+
+    def total(self, delta: list[tf.Tensor]) -> tf.Tensor:
+        parts = [
+            tf.linalg.matvec(J, r.total(d), transpose_a=True) for r, d, J in zip(self.reads, delta, self.jacobians)
+        ]
+        return tf.add_n(parts) if len(parts) > 1 else parts[0]
+
+    def magnitude(self, delta: list[tf.Tensor]) -> tf.Tensor:
+        parts = [
+            tf.linalg.matvec(tf.abs(J), r.magnitude(d), transpose_a=True)
+            for r, d, J in zip(self.reads, delta, self.jacobians)
+        ]
+        return tf.add_n(parts) if len(parts) > 1 else parts[0]
+
+    def sample_bytes(self, k: int) -> int:
+        return sum(r.sample_bytes(k) for r in self.reads) + 2 * k * self.size * self.out.dtype.size
+
+    def differentiate(self, tape: tf.GradientTape) -> None:
+        """Set :attr:`jacobians` from the forward pass on ``tape`` (called at trace time)."""
+        views = [t for t, _, _ in self.sources]
+        at: dict[int, tf.Tensor] = {}
+        for D in self.tensors:
+            if id(D) not in at:
+                parts = tape.jacobian(D, views, unconnected_gradients=_ZERO)
+                rows = math.prod(_static_shape(D) or ())
+                pieces = [(a, b, tf.reshape(J, (rows, b - a))) for J, (_, a, b) in zip(parts, self.sources)]
+                at[id(D)] = tf.concat([J for _, _, J in sorted(pieces, key=lambda p: p[0])], axis=1)
+        self.jacobians = [at[id(D)] for D in self.tensors]
+
+
 # ----------------------------------------------------------------------
 # The graph of one forward pass: where the flat vector's entries are read
 # ----------------------------------------------------------------------
@@ -406,12 +476,19 @@ class _Record:
         return [u for u in self.uses if bool(np.all(self.counts[u.start : u.stop] == 1))]
 
 
-def _record(w: tf.Tensor, z: tf.Tensor, num_samples: int) -> _Record:
-    """Follow the views of ``w`` in the current graph to the ops that read them (called at trace time)."""
+def _record(w: tf.Tensor, x: Any, num_samples: int) -> _Record:
+    """Follow the views of ``w`` in the current graph to the ops that read them (called at trace time).
+
+    Ops that read views but no tensor computed from the inputs ``x``
+    (parameter-only ops: batch norm's folding) are followed further, to the
+    ops that bring their results to the samples: see :func:`_derived_reads`.
+    """
     P = int(w.shape[0])
     record = _Record(P)
+    dependent = _sample_dependent(x)
     stack: list[tuple[tf.Tensor, int, int]] = [(w, 0, P)]
     views: set[Any] = set()
+    prelude: list[tuple[tf.Operation, tf.Tensor, int, int]] = []
     while stack:
         t, start, stop = stack.pop()
         views.add(t.ref())
@@ -425,13 +502,161 @@ def _record(w: tf.Tensor, z: tf.Tensor, num_samples: int) -> _Record:
             if pieces is not None:
                 stack.extend(pieces)
                 continue
+            if _parameter_only(op, dependent, w.dtype):
+                prelude.append((op, t, start, stop))
+                continue
             for index, tensor in enumerate(op.inputs):
                 if tensor is t:
                     record.counts[start:stop] += 1
                     use = _recognize(op, index, start, stop, num_samples, views)
                     if use is not None:
                         record.uses.append(use)
+    if prelude:
+        _derived_reads(record, prelude, dependent, views, num_samples, w.dtype)
     return record
+
+
+def _sample_dependent(x: Any) -> set[Any]:
+    """The tensors of the current graph computed from the inputs ``x`` (as refs)."""
+    seen: set[Any] = set()
+    stack = [t for t in tf.nest.flatten(x) if isinstance(t, tf.Tensor)]
+    while stack:
+        t = stack.pop()
+        if t.ref() in seen:
+            continue
+        seen.add(t.ref())
+        for op in t.consumers():
+            stack.extend(o for o in op.outputs if o.ref() not in seen)
+    return seen
+
+
+def _parameter_only(op: tf.Operation, dependent: set[Any], dtype: tf.DType) -> bool:
+    """Whether ``op`` reads nothing computed from the inputs and has one output of static shape in ``dtype``.
+
+    Casts to another precision (mixed precision's float16 copies) are left
+    to the generic route.
+    """
+    return (
+        len(op.outputs) == 1
+        and op.outputs[0].dtype == dtype
+        and _static_shape(op.outputs[0]) is not None
+        and not any(i.ref() in dependent for i in op.inputs)
+    )
+
+
+def _derived_reads(
+    record: _Record,
+    prelude: list[tuple[tf.Operation, tf.Tensor, int, int]],
+    dependent: set[Any],
+    views: set[Any],
+    N: int,
+    dtype: tf.DType,
+) -> None:
+    """Group the entries read by parameter-only ops, and recognize how their results reach the samples.
+
+    Entries whose parameter-only ops connect them form one group.  A group
+    becomes one :class:`_Derived` read when its entries are one range, the
+    views it reads do not overlap, every op that reads a derived tensor with
+    a sample is recognized, and the Jacobians stay small; its entries are
+    counted as read once (by the group).  Otherwise they are counted as read
+    by an unrecognized op and take the generic route.
+    """
+    ops: dict[Any, tf.Operation] = {}  # parameter-only ops, by their output
+    sources: dict[Any, set[tuple[int, int]]] = {}  # ranges of w each derived tensor is computed from
+    first_views: dict[tuple[int, int], tf.Tensor] = {}
+    twice: set[tuple[int, int]] = set()  # ranges read through two views: a Jacobian in one would miss the other
+    for op, t, a, b in prelude:
+        out = op.outputs[0]
+        ops[out.ref()] = op
+        sources.setdefault(out.ref(), set()).add((a, b))
+        if first_views.setdefault((a, b), t) is not t:
+            twice.add((a, b))
+    # Derived tensors read by further parameter-only ops: those join the prelude, with their sources.
+    frontier = list(ops.values())
+    sample_reads: list[tuple[tf.Operation, int, tf.Tensor]] = []
+    broken: set[Any] = set()  # derived tensors read by something neither parameter-only nor a sample op
+    seen_ops = {op.name for op in frontier}
+    order = []
+    while frontier:
+        op = frontier.pop()
+        order.append(op)
+        D = op.outputs[0]
+        for consumer in D.consumers():
+            if consumer.type in _METADATA:
+                continue
+            if _parameter_only(consumer, dependent, dtype):
+                ops[consumer.outputs[0].ref()] = consumer
+                if consumer.name not in seen_ops:
+                    seen_ops.add(consumer.name)
+                    frontier.append(consumer)
+                continue
+            if len(consumer.outputs) != 1 or not any(i.ref() in dependent for i in consumer.inputs):
+                broken.add(D.ref())
+                continue
+            sample_reads.extend((consumer, i, D) for i, t in enumerate(consumer.inputs) if t is D)
+
+    def ranges_of(t: tf.Tensor, memo: dict[Any, frozenset]) -> frozenset:
+        if t.ref() in memo:
+            return memo[t.ref()]
+        found = set(sources.get(t.ref(), ()))
+        op = ops.get(t.ref())
+        if op is not None:
+            for i in op.inputs:
+                if i.ref() in ops:
+                    found |= ranges_of(i, memo)
+        memo[t.ref()] = frozenset(found)
+        return memo[t.ref()]
+
+    memo: dict[Any, frozenset] = {}
+    # Groups: ranges joined by any derived tensor computed from several (union-find over ranges).
+    parent: dict[tuple[int, int], tuple[int, int]] = {}
+
+    def root(r: tuple[int, int]) -> tuple[int, int]:
+        while parent.setdefault(r, r) != r:
+            r = parent[r]
+        return r
+
+    for op in ops.values():
+        rs = sorted(ranges_of(op.outputs[0], memo))
+        for r in rs[1:]:
+            parent[root(r)] = root(rs[0])
+        if rs:
+            root(rs[0])
+    groups: dict[tuple[int, int], dict[str, Any]] = {}
+    for r in list(parent):
+        groups.setdefault(root(r), {"ranges": set(), "reads": [], "broken": False})["ranges"].add(r)
+    for ref in broken:
+        t = next(op.outputs[0] for op in ops.values() if op.outputs[0].ref() == ref)
+        for r in ranges_of(t, memo):
+            groups[root(r)]["broken"] = True
+    for consumer, index, D in sample_reads:
+        rs = ranges_of(D, memo)
+        if rs:
+            groups[root(next(iter(rs)))]["reads"].append((consumer, index, D))
+    derived_refs = views | set(ops)
+    for group in groups.values():
+        ranges = sorted(group["ranges"])
+        start, stop = ranges[0][0], max(b for _, b in ranges)
+        use = None
+        one_range = all(a == b_prev for (_, b_prev), (a, _) in zip(ranges, ranges[1:]))
+        if not group["broken"] and group["reads"] and one_range and not twice & group["ranges"]:
+            reads = [_recognize(op, i, 0, math.prod(_static_shape(D)), N, derived_refs) for op, i, D in group["reads"]]
+            size = stop - start
+            jacobian = sum(math.prod(_static_shape(D)) * size for _, _, D in group["reads"])
+            if all(r is not None for r in reads) and jacobian <= _DERIVED_JACOBIAN_ENTRIES:
+                use = _Derived(
+                    start,
+                    stop,
+                    reads[0].out,
+                    N,
+                    reads=reads,
+                    tensors=[D for _, _, D in group["reads"]],
+                    sources=[(first_views[r], r[0], r[1]) for r in ranges],
+                )
+        for a, b in ranges:
+            record.counts[a:b] += 1
+        if use is not None:
+            record.uses.append(use)
 
 
 def _split_pieces(op: tf.Operation, t: tf.Tensor, start: int, stop: int) -> list[tuple[tf.Tensor, int, int]] | None:
@@ -543,6 +768,11 @@ def _conv2d(op: tf.Operation, start: int, stop: int, out: tf.Tensor, N: int) -> 
     if strides[0] != 1 or strides[3] != 1 or dilations[0] != 1 or dilations[3] != 1:
         return None
     return _Conv2D(start, stop, out, N, x=x, kernel=kernel, strides=strides, dilations=dilations, padding=padding)
+
+
+def _each(f: Callable[[tf.Tensor], tf.Tensor], picked: Any) -> Any:
+    """``f`` of a read's cotangents: of each, for a :class:`_Derived` read's list."""
+    return [f(d) for d in picked] if isinstance(picked, list) else f(picked)
 
 
 def _deltas(tape: tf.GradientTape, z: tf.Tensor, outs: list[tf.Tensor], U: tf.Tensor) -> list[tf.Tensor]:
@@ -696,10 +926,13 @@ class StructuredSquares:
             tape.watch(w)
             z = self.f(w, x)
         # Read before any other op consumes w: every consumer seen now belongs to the forward pass.
-        record = _record(w, z, int(z.shape[0]) if z.shape.rank else 0)
+        record = _record(w, x, int(z.shape[0]) if z.shape.rank else 0)
         uses = record.clean() if z.shape.rank else []
         if accepted is not None:
             uses = [u for u in uses if u.key in accepted]
+        for u in uses:
+            if isinstance(u, _Derived):
+                u.differentiate(tape)
         return tape, z, record, uses
 
     def _make_run(self, accepted: frozenset) -> Callable[..., tf.Tensor]:
@@ -707,9 +940,9 @@ class StructuredSquares:
 
         def run(w: tf.Tensor, x: Any, U: tf.Tensor, budget: int) -> tf.Tensor:
             tape, z, _, uses = self._traced(w, x, accepted)
-            outs = list({id(u.out): u.out for u in uses}.values())
+            outs = list({id(o): o for u in uses for o in u.outputs()}.values())
             deltas = dict(zip((id(o) for o in outs), _deltas(tape, z, outs, U)))
-            parts = [(u.start, u.stop, u.square_sums(deltas[id(u.out)], per_cotangent, budget)) for u in uses]
+            parts = [(u.start, u.stop, u.square_sums(u.pick(deltas), per_cotangent, budget)) for u in uses]
             return _assemble(int(w.shape[0]), parts, int(U.shape[0]) if per_cotangent else None, w.dtype)
 
         return self.compile(run)
@@ -729,23 +962,28 @@ class StructuredSquares:
             tape, z, record, uses = self._traced(w, x, None)
             found["uses"] = [(u.key, type(u).__name__) for u in uses]
             found["counts"] = record.counts
-            outs = list({id(u.out): u.out for u in uses}.values())
-            found["outs"] = {u.key: (id(u.out), math.prod(u.out.shape.as_list()) * u.out.dtype.size) for u in uses}
+            outs = list({id(o): o for u in uses for o in u.outputs()}.values())
+            found["outs"] = {
+                u.key: [(id(o), math.prod(o.shape.as_list()) * o.dtype.size) for o in u.outputs()] for u in uses
+            }
             deltas = dict(zip((id(o) for o in outs), _deltas(tape, z, outs, U))) if outs else {}
             u_c = tf.reduce_sum(U, 0) * tf.reshape(c, (N,) + (1,) * (len(U.shape) - 2))
             grad = tape.gradient(z, w, output_gradients=u_c, unconnected_gradients=_ZERO)
             weighted, alone, magnitudes = [], [], []
+
+            def weigh(d: tf.Tensor) -> tf.Tensor:
+                return tf.reshape(tf.reshape(d, (N, -1)) * c[:, None], d.shape)
+
             for u in uses:
-                d = tf.reduce_sum(deltas[id(u.out)], axis=0)
-                d = tf.reshape(tf.reshape(d, (N, -1)) * c[:, None], d.shape)
-                weighted.append(u.total(d))
+                picked = u.pick(deltas)
+                weighted.append(u.total(_each(lambda d: weigh(tf.reduce_sum(d, axis=0)), picked)))
                 # Every cotangent by its absolute value, weighted by c ≥ 1 (and below by the largest |r_k|):
                 # a bound on the terms of both checks' sums.
-                d_abs = tf.reduce_sum(tf.abs(deltas[id(u.out)]), axis=0)
-                d_abs = tf.reshape(tf.reshape(d_abs, (N, -1)) * c[:, None], d_abs.shape)
-                magnitudes.append(tf.reduce_max(u.magnitude(d_abs)))
+                magnitudes.append(
+                    tf.reduce_max(u.magnitude(_each(lambda d: weigh(tf.reduce_sum(tf.abs(d), axis=0)), picked)))
+                )
                 # Products are linear in the cotangent: one random combination of the K checks them all.
-                alone.append([tf.tensordot(r, u.products(deltas[id(u.out)], n, 1)[:, 0], 1) for n in samples])
+                alone.append([tf.tensordot(r, u.products(picked, n, 1)[:, 0], 1) for n in samples])
             generic = []
             for n in samples:
                 # The sample alone, as a batch of two copies of itself with half the cotangent each, and outside
@@ -787,7 +1025,7 @@ class StructuredSquares:
         if not accepted:
             return _Plan(frozenset(), rest)
         plan = _Plan(frozenset(accepted), rest)
-        plan.delta_bytes = sum(dict(found["outs"][key] for key in accepted).values())
+        plan.delta_bytes = sum(dict(pair for key in accepted for pair in found["outs"][key]).values())
         plan.run = self._make_run(plan.fast)
         if rest.size:
             plan.base = tf.Variable(w, trainable=False)
