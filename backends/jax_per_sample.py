@@ -23,6 +23,9 @@ product made from ``δ`` alone:
   sees (``lax.conv_general_dilated_patches``), as BackPACK does;
 - ``y = h ± b`` with ``b`` broadcast over some axes of ``h`` (a dense or a
   convolution bias): ``±δ_n`` summed over the broadcast axes;
+- ``y = h * s`` or ``y = s / h`` with ``s`` broadcast likewise (a norm's
+  scale, also when folded first as ``s / √(var + ε)``): ``δ_n ⊙ h_n`` (or
+  ``δ_n / h_n``) summed over the broadcast axes;
 - ``y = gather(E, i)`` of whole rows of a table ``E`` (``E[tokens]``,
   ``jnp.take`` along axis 0, any mode): row ``r``'s product is
   ``Σ_{t: i_t = r} δ_t``, and its square summed over ``r`` is
@@ -46,7 +49,7 @@ of indices into ``w``), and into the sub-jaxprs of ``jit``/``pjit`` and
 functions may nest those).  Every other equation that receives a view is an
 "other read": ``custom_jvp``/``custom_vjp`` calls, ``checkpoint``, control
 flow and everything else are not entered (entering them would drop their
-custom rules), grouped convolutions, norms (``x * scale``), other gathers,
+custom rules), grouped convolutions, other gathers,
 ``dot_general`` with batch dimensions (attention), and views read by two
 ops (tied weights).
 
@@ -167,7 +170,7 @@ class _Use:
     """
 
     key: Key
-    kind: str  # "dense", "bias" or "embed"
+    kind: str  # "dense", "bias", "scale" or "embed"
     operand: int
     view: np.ndarray
     entries: np.ndarray
@@ -193,6 +196,8 @@ class _Use:
     sign: float = 1.0
     addend: Any = None
     passes: bool = True  # whether the cotangent at the addend is δ itself (not -δ, as in ``b - h``)
+    # scale: ``axes`` (above) are summed over, ``act`` is the factor's operand, divided by in ``s / h``
+    reciprocal: bool = False
     # embed: whether indices outside the table drop their rows (else they are clamped to it); ``rows`` and
     # ``free_size`` (above) are the lookups per sample and the entries of one row of the table
     drop: bool = False
@@ -268,6 +273,24 @@ def _bias(eqn: Any, key: Key, views: list[np.ndarray | None]) -> _Use | None:
         addend=eqn.invars[1 - p],
         passes=not (sub and p == 0),
     )
+
+
+def _scale(eqn: Any, key: Key, views: list[np.ndarray | None]) -> _Use | None:
+    """``h * s``, ``s * h`` or ``s / h`` with ``s`` a parameter view broadcast over some output axes (a norm's scale).
+
+    A sample's product is ``δ_n ⊙ h_n`` (``δ_n / h_n``) summed over the
+    broadcast axes.  ``h`` may be computed from parameters alone
+    (``scale / √(var + ε)`` in inference batch norm): the re-evaluation runs
+    one sample at a time, so ``δ_n`` is that sample's cotangent all the same.
+    """
+    if (views[0] is None) == (views[1] is None) or (eqn.primitive.name == "div" and views[0] is None):
+        return None
+    use = _bias(eqn, key, views)
+    if use is None or not jnp.issubdtype(eqn.invars[1 - use.operand].aval.dtype, jnp.floating):
+        return None
+    use.kind, use.sign, use.addend, use.passes = "scale", 1.0, None, True
+    use.act, use.reciprocal = 1 - use.operand, eqn.primitive.name == "div"
+    return use
 
 
 def _embedding(eqn: Any, key: Key, views: list[np.ndarray | None]) -> _Use | None:
@@ -379,6 +402,8 @@ def _spec_strings(dn: Any, ndim: int) -> tuple[str, str, str]:
 def _activation(use: _Use, invals: Sequence[Any]) -> Any:
     """What a recognized use's products contract its cotangent with: the operand, or a convolution's windows."""
     a = invals[use.act]
+    if use.kind == "scale":  # the factor at every output entry (a literal or a broadcast operand included)
+        return jnp.broadcast_to(1.0 / a if use.reciprocal else jnp.asarray(a), use.out.aval.shape)
     return a if use.windows is None else jax.lax.conv_general_dilated_patches(a, **use.windows)
 
 
@@ -388,6 +413,8 @@ _RECOGNIZERS: dict[str, Callable[[Any, Key, list[np.ndarray | None]], _Use | Non
     "gather": _embedding,
     "add": _bias,
     "sub": _bias,
+    "mul": _scale,
+    "div": _scale,
 }
 
 
@@ -528,7 +555,7 @@ def _analyse(closed: ClosedJaxpr, P: int, rejected: frozenset[Key]) -> _Plan:
             probe_at[u.key] = len(probes)
             probes.append((tuple(u.out.aval.shape), u.out.aval.dtype))
     for i, u in enumerate(uses):
-        if u.kind in ("dense", "embed"):
+        if u.kind in ("dense", "embed", "scale"):
             record.setdefault(u.key, []).append(i)
             target = bias_of.get((u.key[0], u.out))
             if target is not None and counts.get((u.key[0], u.out), 0) == 1:
@@ -1073,8 +1100,9 @@ def _chunk_function(plan: _Plan, per_cotangent: bool) -> Callable[..., Array]:
         total = (lambda t: t) if keep_k else (lambda t: jnp.sum(t, axis=0))
         squares = []
         for i, use in enumerate(plan.uses):
-            if use.kind == "bias":
-                d = _bias_product(use, deltas[use.slot], dtype)
+            if use.kind in ("bias", "scale"):
+                d = deltas[use.slot] if use.kind == "bias" else deltas[use.slot] * acts[i]
+                d = _bias_product(use, d, dtype)
                 squares.append(total(d * d))
                 continue
             if use.kind == "embed":
@@ -1175,6 +1203,7 @@ def _guard_function(plan: _Plan, f: Callable[[Array, Any], Array], treedef: Any)
                 moment = _embedding_table(use, acts[i], values, (), dtype).reshape(use.view.shape)
                 ref = _take(grad, use.view)
             else:
+                d = d if use.kind == "bias" else d * acts[i]
                 moment = use.sign * jnp.sum(_bias_product(use, d, dtype), axis=0)
                 ref = _take(grad, use.entries)
             scale = jnp.maximum(jnp.max(jnp.abs(ref), initial=0.0), jnp.max(jnp.abs(moment), initial=0.0))

@@ -210,6 +210,30 @@ def convolutions() -> tuple[Apply, dict]:
     return apply, shapes
 
 
+def norms() -> tuple[Apply, dict]:
+    """Scales read by products and quotients: layer norm, inference batch norm folded first, ``s / h``.
+
+    ``ln_scale`` multiplies the normalized activation (the view on the right
+    of the ``mul``); ``bn_scale`` is divided by a constant first
+    (``x * (s / √(var + ε))``, a parameter-only op, as written for a
+    batch norm with fixed statistics) and broadcast over the tokens; ``r``
+    is divided by an activation and ``g`` multiplies one from the left.
+    """
+    shapes = {"W": (3, 4), "ln_scale": (4,), "ln_shift": (4,), "bn_scale": (4,), "r": (4,), "g": (4, 4), "head": (4, 3)}
+    var = jnp.asarray(np.linspace(0.5, 2.0, 4))
+
+    def apply(p: dict, x: jax.Array) -> jax.Array:
+        n = x.shape[0]
+        h = x.reshape(n, 4, 3) @ p["W"]  # (n, 4 tokens, 4)
+        mean = h.mean(-1, keepdims=True)
+        h = (h - mean) / jnp.sqrt(((h - mean) ** 2).mean(-1, keepdims=True) + 1e-5) * p["ln_scale"] + p["ln_shift"]
+        h = jnp.tanh(h * (p["bn_scale"] / jnp.sqrt(var + 1e-5)))
+        h = p["r"] / (1.5 + h) + p["g"] * h
+        return jnp.tanh(h).mean(axis=1) @ p["head"]
+
+    return apply, shapes
+
+
 def layouts() -> tuple[Apply, dict]:
     """Kernels stored ``(out, in)`` (``x @ W.T``, and ``W @ x_n`` under vmap), subtracted biases, a nested jit."""
     shapes = {"A": (5, 4), "a": (5,), "B": (4, 5), "b": (4,), "C": (3, 4), "c": (3,)}
@@ -239,6 +263,7 @@ MODELS: dict[str, Callable[[], tuple[Apply, dict, int]]] = {
     "layouts": lambda: (*layouts(), 4),
     "sequence": lambda: (*sequence(), 12),
     "convolutions": lambda: (*convolutions(), 72),
+    "norms": lambda: (*norms(), 12),
 }
 
 
@@ -340,8 +365,8 @@ def test_embedding_tables_take_the_structured_route(monkeypatch: pytest.MonkeyPa
     assert analysed == [frozenset()]
 
 
-@pytest.mark.parametrize("name", ["tanh_mlp_bias", "relu_mlp_no_bias", "layouts"])
-def test_dense_models_never_take_the_generic_route(name: str) -> None:
+@pytest.mark.parametrize("name", ["tanh_mlp_bias", "relu_mlp_no_bias", "layouts", "norms"])
+def test_models_of_recognized_reads_never_take_the_generic_route(name: str) -> None:
     apply, shapes, d = MODELS[name]()
     params = _init(shapes)
     x, _ = data(6, d, 3)
@@ -475,7 +500,12 @@ def test_convolutions_start_unrolled_on_a_cpu() -> None:
 # ----------------------------------------------------------------------------- the guard
 @pytest.mark.parametrize(
     ("rule", "model", "classes"),
-    [("_bias_product", "tanh_mlp_bias", 3), ("_dense_deltas", "sequence", 2), ("_activation", "convolutions", 3)],
+    [
+        ("_bias_product", "tanh_mlp_bias", 3),
+        ("_bias_product", "norms", 3),  # the scales' products too
+        ("_dense_deltas", "sequence", 2),
+        ("_activation", "convolutions", 3),
+    ],
 )
 def test_guard_sends_wrong_products_to_the_generic_route(
     monkeypatch: pytest.MonkeyPatch, rule: str, model: str, classes: int
