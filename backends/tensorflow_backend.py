@@ -504,11 +504,12 @@ class TensorFlowBackend(Backend):
         # One row (Lanczos) skips the loop machinery of map_fn; a vector (matvec) the reshapes around the call too.
         # Each is traced on its first use.
         group = _UNROLLED_ROWS if self.jit_compile else None
+        grouped = _in_groups(batched, group)
 
         def rows_product(w: Array, batch: Any, rows: Array) -> Array:
             if len(rows.shape) == 1:
                 return vector(w, batch, rows)
-            return (single if int(rows.shape[0]) == 1 else _in_groups(batched, group))(w, batch, rows)
+            return (single if int(rows.shape[0]) == 1 else grouped)(w, batch, rows)
 
         rows_product.takes_vectors = True  # type: ignore[attr-defined]
         rows_product.on_parts, rows_product.on_parts_unchecked = parts  # type: ignore[attr-defined]

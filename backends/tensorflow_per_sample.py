@@ -27,10 +27,13 @@ Which entries of the flat parameter vector each op reads is found in the
 graph that ``f`` traces into, not from a list of layers: the flat vector's
 views (``SplitV``, ``Reshape``, ``ExpandDims``, ``Squeeze``, ``Identity``)
 are followed to the ops that read them.  An entry read exactly once, by a
-recognized op, takes this route; every other entry that is read (batch
-norm's folded scale, tied weights, ops inside nested functions or control
-flow) goes through the generic per-sample route
-restricted to those entries.  A subclassed layer is seen through the ops its
+recognized op, takes this route.  So do entries that reach the samples only
+through ops on parameters alone (inference batch norm folds ``γ`` and
+``β`` with its moving statistics first): the products of the recognized
+ops that read the results are pulled back through those ops' Jacobian
+(:class:`_Derived`).  Every other entry that is read (tied weights, ops
+inside nested functions or control flow) goes through the generic
+per-sample route restricted to those entries.  A subclassed layer is seen through the ops its
 ``call`` actually runs.
 
 The cotangents ``δ`` at every recognized output come from one backward pass
@@ -574,12 +577,10 @@ def _derived_reads(
     # Derived tensors read by further parameter-only ops: those join the prelude, with their sources.
     frontier = list(ops.values())
     sample_reads: list[tuple[tf.Operation, int, tf.Tensor]] = []
-    broken: set[Any] = set()  # derived tensors read by something neither parameter-only nor a sample op
+    broken: list[tf.Tensor] = []  # derived tensors read by something neither parameter-only nor a sample op
     seen_ops = {op.name for op in frontier}
-    order = []
     while frontier:
         op = frontier.pop()
-        order.append(op)
         D = op.outputs[0]
         for consumer in D.consumers():
             if consumer.type in _METADATA:
@@ -591,7 +592,7 @@ def _derived_reads(
                     frontier.append(consumer)
                 continue
             if len(consumer.outputs) != 1 or not any(i.ref() in dependent for i in consumer.inputs):
-                broken.add(D.ref())
+                broken.append(D)
                 continue
             sample_reads.extend((consumer, i, D) for i, t in enumerate(consumer.inputs) if t is D)
 
@@ -625,8 +626,7 @@ def _derived_reads(
     groups: dict[tuple[int, int], dict[str, Any]] = {}
     for r in list(parent):
         groups.setdefault(root(r), {"ranges": set(), "reads": [], "broken": False})["ranges"].add(r)
-    for ref in broken:
-        t = next(op.outputs[0] for op in ops.values() if op.outputs[0].ref() == ref)
+    for t in broken:
         for r in ranges_of(t, memo):
             groups[root(r)]["broken"] = True
     for consumer, index, D in sample_reads:
