@@ -522,7 +522,7 @@ def _record(w: tf.Tensor, x: Any, num_samples: int) -> _Record:
 def _sample_dependent(x: Any) -> set[Any]:
     """The tensors of the current graph computed from the inputs ``x`` (as refs)."""
     seen: set[Any] = set()
-    stack = [t for t in tf.nest.flatten(x) if isinstance(t, tf.Tensor)]
+    stack = [t for t in tf.nest.flatten(x, expand_composites=True) if isinstance(t, tf.Tensor)]
     while stack:
         t = stack.pop()
         if t.ref() in seen:
