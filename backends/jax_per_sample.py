@@ -224,24 +224,36 @@ def _dense(eqn: Any, key: Key, views: list[np.ndarray | None]) -> _Use | None:
     a_c = tuple(int(d) for d in (rc if p == 0 else lc))
     a_free = tuple(d for d in range(len(act_aval.shape)) if d not in a_c)
     p_free = tuple(d for d in range(view.ndim) if d not in p_c)
-    order = p_c + p_free
-    in_size = math.prod(view.shape[d] for d in p_c)
-    free_size = math.prod(view.shape[d] for d in p_free)
-    return _Use(
+    return _dense_use(
         key,
-        "dense",
         p,
         view,
-        view,
         eqn.outvars[0],
+        p_c + p_free,
+        len(p_c),
         act=a,
         act_perm=a_free + a_c,
         rows=math.prod(act_aval.shape[d] for d in a_free),
         rows_last=p == 0,
-        in_size=in_size,
-        free_size=free_size,
+    )
+
+
+def _dense_use(
+    key: Key, operand: int, view: np.ndarray, out: Var, order: tuple[int, ...], contracted: int, **fields: Any
+) -> _Use:
+    """A dense read of ``view``: its axes ``order[:contracted]`` meet the activation's, the others are free."""
+    return _Use(
+        key,
+        "dense",
+        operand,
+        view,
+        view,
+        out,
+        in_size=math.prod(view.shape[d] for d in order[:contracted]),
+        free_size=math.prod(view.shape[d] for d in order[contracted:]),
         param_shape=tuple(view.shape[d] for d in order),
         param_inverse=tuple(int(i) for i in np.argsort(order)),
+        **fields,
     )
 
 
@@ -358,20 +370,16 @@ def _conv(eqn: Any, key: Key, views: list[np.ndarray | None]) -> _Use | None:
     feature, kernel_out = int(dn.out_spec[1]), int(dn.rhs_spec[0])
     rows_axes = tuple(d for d in range(len(out_shape)) if d != feature)
     order = (int(dn.rhs_spec[1]), *spatial, kernel_out)
-    return _Use(
+    return _dense_use(
         key,
-        "dense",
         1,
         view,
-        view,
         eqn.outvars[0],
+        order,
+        len(order) - 1,
         act=0,
         act_perm=rows_axes + (feature,),
         rows=math.prod(out_shape[d] for d in rows_axes),
-        in_size=math.prod(view.shape[d] for d in order[:-1]),
-        free_size=int(view.shape[kernel_out]),
-        param_shape=tuple(view.shape[d] for d in order),
-        param_inverse=tuple(int(i) for i in np.argsort(order)),
         out_feature=feature,
         windows={
             "filter_shape": tuple(int(view.shape[d]) for d in spatial),

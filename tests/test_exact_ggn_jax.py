@@ -296,14 +296,19 @@ def _bind(apply: Apply, params: dict) -> Any:
     return b, b.bind(apply, params, [n for n, _ in b.named_parameters(apply, params)])
 
 
+def _routes(apply: Apply, params: dict, x: jax.Array) -> dict[str, np.ndarray]:
+    """Per parameter, where the analysis sends each entry: ``True`` for the structured route."""
+    _, binding = _bind(apply, params)
+    mask = jax_per_sample.structured_entries(binding.apply, binding.w, x)
+    _, unravel = ravel_pytree(params)
+    return {k: np.asarray(v) for k, v in unravel(jnp.asarray(mask, jnp.float64)).items()}
+
+
 def test_recognized_entries_take_the_structured_route() -> None:
     apply, shapes, d = MODELS["mixed"]()
     params = _init(shapes)
     x, _ = data(5, d, 3)
-    _, binding = _bind(apply, params)
-    mask = jax_per_sample.structured_entries(binding.apply, binding.w, x)
-    _, unravel = ravel_pytree(params)
-    routes = {k: np.asarray(v) for k, v in unravel(jnp.asarray(mask, jnp.float64)).items()}
+    routes = _routes(apply, params, x)
     # Read once by a matrix product (of one row or of 4 tokens per sample), a convolution, or an added bias
     # (also over positions).
     for name in ("conv_w", "conv_b", "seq_w", "seq_b", "head_w", "head_b"):
@@ -317,10 +322,7 @@ def test_convolutions_take_the_structured_route_except_grouped_ones() -> None:
     apply, shapes, d = MODELS["convolutions"]()
     params = _init(shapes)
     x, _ = data(5, d, 3)
-    _, binding = _bind(apply, params)
-    mask = jax_per_sample.structured_entries(binding.apply, binding.w, x)
-    _, unravel = ravel_pytree(params)
-    routes = {k: np.asarray(v) for k, v in unravel(jnp.asarray(mask, jnp.float64)).items()}
+    routes = _routes(apply, params, x)
     for name in ("k1", "b1", "k2", "k3", "head"):
         assert routes[name].all(), name
     assert not routes["g"].any()  # feature groups: each output reads a slice of the input's channels
@@ -330,10 +332,7 @@ def test_sequence_kernels_take_the_structured_route() -> None:
     apply, shapes, d = MODELS["sequence"]()
     params = _init(shapes)
     x, _ = data(5, d, 2)
-    _, binding = _bind(apply, params)
-    mask = jax_per_sample.structured_entries(binding.apply, binding.w, x)
-    _, unravel = ravel_pytree(params)
-    routes = {k: np.asarray(v) for k, v in unravel(jnp.asarray(mask, jnp.float64)).items()}
+    routes = _routes(apply, params, x)
     for name in ("W1", "b1", "W2", "W3", "head", "head_b"):
         assert routes[name].all(), name
     assert not routes["tied"].any()  # read by two products
@@ -346,10 +345,7 @@ def test_embedding_tables_take_the_structured_route(monkeypatch: pytest.MonkeyPa
     tokens = np.asarray(jnp.abs(x) * 3).astype(int)
     assert (tokens >= 5).any() and (tokens >= 3).any()  # lookups dropped by F and clamped by C
     assert any(len(set(row % 4)) < len(row) for row in tokens)  # a row of E looked up twice by one sample
-    _, binding = _bind(apply, params)
-    mask = jax_per_sample.structured_entries(binding.apply, binding.w, x)
-    _, unravel = ravel_pytree(params)
-    routes = {k: np.asarray(v) for k, v in unravel(jnp.asarray(mask, jnp.float64)).items()}
+    routes = _routes(apply, params, x)
     for name in ("E", "F", "C", "b"):
         assert routes[name].all(), name
     assert not routes["tied"].any()  # looked up and multiplied
