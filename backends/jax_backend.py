@@ -298,9 +298,9 @@ class JaxBackend(Backend):
         """Squared per-sample products from the jaxpr of ``f`` (see :mod:`.jax_per_sample`).
 
         Parameters read once by a matrix product (one row per sample, or a
-        sequence of rows), an added bias or an embedding lookup take a
-        structured route; every other read entry takes the generic route,
-        restricted to those entries.
+        sequence of rows), a convolution, an added bias, a multiplying or
+        dividing scale or an embedding lookup take a structured route; every
+        other read entry takes the generic route, restricted to those entries.
         """
         from .._per_sample import generic_squares
         from .jax_per_sample import per_sample_squares

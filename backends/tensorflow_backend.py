@@ -555,11 +555,13 @@ class TensorFlowBackend(Backend):
     ) -> Callable[[Array, Any, Callable[[Array], Array], int], Array]:
         """Squares by the structured route of :mod:`.tensorflow_per_sample`, the generic one for what it leaves.
 
-        Entries read once by a recognized op (``MatMul``, ``Conv2D``, a
-        broadcast bias or scale) take per-sample products from the cotangents
-        at that op's output; every other entry, or the whole model where
-        nothing is recognized, goes through the generic squares of
-        per-sample products with the pairs batched by :meth:`per_sample_vjp`.
+        Entries read once by a recognized op (``MatMul``, batched matmuls,
+        ``Conv2D``, ``GatherV2``, a broadcast bias or scale), directly or
+        through ops on parameters alone (inference batch norm), take
+        per-sample products from the cotangents at that op's output; every
+        other entry, or the whole model where nothing is recognized, goes
+        through the generic squares of per-sample products with the pairs
+        batched by :meth:`per_sample_vjp`.
         """
         from .tensorflow_per_sample import per_sample_squares
 
