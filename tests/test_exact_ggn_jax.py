@@ -183,15 +183,17 @@ def embedding() -> tuple[Apply, dict]:
 
 
 def convolutions() -> tuple[Apply, dict]:
-    """Convolutions in several layouts, read as dense products of windows, and a grouped one (generic route).
+    """Convolutions in several layouts, read as dense products of windows, and grouped ones.
 
     Inputs ``(N, 72)`` as ``6 × 6`` images of 2 channels.  ``k1`` (HWIO, stride
     ``(2, 1)``, uneven padding, a dilated kernel) with a bias; ``k2`` in
-    NCHW / OIHW; ``k3`` transposed (``lhs_dilation``); ``g`` with three
-    feature groups; a dense head.
+    NCHW / OIHW; ``k3`` transposed (``lhs_dilation``); ``g`` depthwise with
+    two outputs per channel (three feature groups); ``big`` with more
+    feature groups than the structured route takes; a dense head.
     """
-    shapes = {"k1": (3, 3, 2, 4), "b1": (4,), "k2": (3, 4, 2, 2), "k3": (2, 2, 3, 3), "g": (2, 2, 1, 3)}
-    shapes["head"] = (24, 3)
+    shapes = {"k1": (3, 3, 2, 4), "b1": (4,), "k2": (3, 4, 2, 2), "k3": (2, 2, 3, 3), "g": (2, 2, 1, 6)}
+    groups = jax_per_sample._MAX_GROUPS + 1
+    shapes |= {"big": (1, 1, 1, groups), "head": (48 + groups, 3)}
 
     def apply(p: dict, x: jax.Array) -> jax.Array:
         n = x.shape[0]
@@ -205,7 +207,11 @@ def convolutions() -> tuple[Apply, dict]:
         h = lax.conv_general_dilated(h, p["k3"], (1, 1), ((1, 1), (1, 1)), lhs_dilation=(2, 2), dimension_numbers=nhwc)
         h = jnp.tanh(h)
         h = lax.conv_general_dilated(h, p["g"], (2, 2), "VALID", dimension_numbers=nhwc, feature_group_count=3)
-        return jnp.tanh(h).reshape(n, -1) @ p["head"]
+        wide = jnp.tile(x[:, None, None, :1], (1, 1, 1, groups))  # (n, 1, 1, groups): one channel per group
+        wide = lax.conv_general_dilated(
+            wide, p["big"], (1, 1), "VALID", dimension_numbers=nhwc, feature_group_count=groups
+        )
+        return jnp.concatenate([jnp.tanh(h).reshape(n, -1), jnp.tanh(wide).reshape(n, -1)], axis=1) @ p["head"]
 
     return apply, shapes
 
@@ -318,14 +324,14 @@ def test_recognized_entries_take_the_structured_route() -> None:
         assert not routes[name].any(), name
 
 
-def test_convolutions_take_the_structured_route_except_grouped_ones() -> None:
+def test_convolutions_take_the_structured_route_up_to_the_groups_it_takes() -> None:
     apply, shapes, d = MODELS["convolutions"]()
     params = _init(shapes)
     x, _ = data(5, d, 3)
     routes = _routes(apply, params, x)
-    for name in ("k1", "b1", "k2", "k3", "head"):
+    for name in ("k1", "b1", "k2", "k3", "g", "head"):
         assert routes[name].all(), name
-    assert not routes["g"].any()  # feature groups: each output reads a slice of the input's channels
+    assert not routes["big"].any()  # one use per group: past _MAX_GROUPS, the generic route
 
 
 def test_sequence_kernels_take_the_structured_route() -> None:
@@ -511,7 +517,7 @@ def test_guard_sends_wrong_products_to_the_generic_route(
     # only the convolutions' windows are doubled.
     original = getattr(jax_per_sample, rule)
     if rule == "_activation":
-        wrong = lambda use, invals: original(use, invals) * (1.0 if use.windows is None else 2.0)  # noqa: E731
+        wrong = lambda use, *args: original(use, *args) * (1.0 if use.windows is None else 2.0)  # noqa: E731
     else:
         wrong = lambda use, delta, dtype: 2.0 * original(use, delta, dtype)  # noqa: E731
     monkeypatch.setattr(jax_per_sample, rule, wrong)
