@@ -21,8 +21,7 @@ product made from ``δ`` alone:
   dilations, no batch groups): a dense product whose rows are the output
   positions and whose activation is the windows of ``x`` the kernel sees
   (``lax.conv_general_dilated_patches``), as BackPACK does; with feature
-  groups (depthwise layers), one such product per group, up to
-  :data:`_MAX_GROUPS` of them;
+  groups (depthwise layers), one such product per group, batched;
 - ``y = h ± b`` with ``b`` broadcast over some axes of ``h`` (a dense or a
   convolution bias): ``±δ_n`` summed over the broadcast axes;
 - ``y = h * s`` or ``y = s / h`` with ``s`` broadcast likewise (a norm's
@@ -51,7 +50,7 @@ of indices into ``w``), and into the sub-jaxprs of ``jit``/``pjit`` and
 functions may nest those).  Every other equation that receives a view is an
 "other read": ``custom_jvp``/``custom_vjp`` calls, ``checkpoint``, control
 flow and everything else are not entered (entering them would drop their
-custom rules), convolutions with more feature groups, other gathers,
+custom rules), convolutions with batch groups, other gathers,
 ``dot_general`` with batch dimensions (attention), and views read by two
 ops (tied weights).
 
@@ -193,11 +192,8 @@ class _Use:
     # cut the input into the windows the kernel sees (the activation of the dense reading)
     out_feature: int = -1
     windows: dict[str, Any] | None = None
-    # a convolution with feature groups: one use per group, reading the window columns and output features of
-    # its group (half-open ranges), within ``operand_view``, the whole kernel the equation reads
-    columns: tuple[int, int] | None = None
-    channels: tuple[int, int] | None = None
-    operand_view: np.ndarray | None = None
+    # feature groups: group g's outputs (a range of ``free_size // groups``) read its own ``in_size`` columns
+    groups: int = 1
     # bias: the output axes summed over, the sign of the parameter, and the activation added to it
     axes: tuple[int, ...] = ()
     sign: float = 1.0
@@ -352,17 +348,19 @@ def _embedding(eqn: Any, key: Key, views: list[np.ndarray | None]) -> _Use | Non
 
 
 def _conv(eqn: Any, key: Key, views: list[np.ndarray | None]) -> _Use | None:
-    """``conv_general_dilated`` of an activation with a parameter view as its kernel (one use per feature group).
+    """``conv_general_dilated`` of an activation with a parameter view as its kernel.
 
     Read as a dense use, as BackPACK does: the activation's windows
     (``lax.conv_general_dilated_patches``, one row per output position, the
     kernel's input features and window offsets as columns) times the kernel
-    as a matrix, so a sample's product is ``windowsᵀ δ_n``.
+    as a matrix, so a sample's product is ``windowsᵀ δ_n``.  With feature
+    groups, each group's outputs (consecutive features) read the columns of
+    its own input channels (consecutive too, the columns being channel-major):
+    one such product per group.
     """
     params = eqn.params
     view = views[1] if len(views) == 2 else None
-    groups = int(params["feature_group_count"])
-    if view is None or views[0] is not None or params["batch_group_count"] != 1 or groups > _MAX_GROUPS:
+    if view is None or views[0] is not None or params["batch_group_count"] != 1:
         return None
     dn = params["dimension_numbers"]
     spatial = tuple(int(d) for d in dn.rhs_spec[2:])
@@ -378,37 +376,28 @@ def _conv(eqn: Any, key: Key, views: list[np.ndarray | None]) -> _Use | None:
     feature, kernel_out = int(dn.out_spec[1]), int(dn.rhs_spec[0])
     rows_axes = tuple(d for d in range(len(out_shape)) if d != feature)
     order = (int(dn.rhs_spec[1]), *spatial, kernel_out)
-    windows = {
-        "filter_shape": tuple(int(view.shape[d]) for d in spatial),
-        "window_strides": params["window_strides"],
-        "padding": params["padding"],
-        "lhs_dilation": params["lhs_dilation"],
-        "rhs_dilation": params["rhs_dilation"],
-        "dimension_numbers": _spec_strings(dn, len(out_shape)),
-        "precision": params.get("precision"),
-    }
-    fields = {
-        "act": 0,
-        "act_perm": rows_axes + (feature,),
-        "rows": math.prod(out_shape[d] for d in rows_axes),
-        "out_feature": feature,
-        "windows": windows,
-    }
-    if groups == 1:
-        return _dense_use(key, 1, view, eqn.outvars[0], order, len(order) - 1, **fields)
-    # Group g's outputs read its own input channels: its windows' columns (channel-major, so one range) and its
-    # kernel's slice along the output features, a dense use of its own.
-    per_group = int(view.shape[kernel_out]) // groups
-    columns = math.prod(view.shape[d] for d in order[:-1])
-    uses = []
-    for g in range(groups):
-        part = np.take(view, np.arange(g * per_group, (g + 1) * per_group), axis=kernel_out)
-        use = _dense_use(key, 1, part, eqn.outvars[0], order, len(order) - 1, **fields)
-        use.columns = (g * columns, (g + 1) * columns)
-        use.channels = (g * per_group, (g + 1) * per_group)
-        use.operand_view = view
-        uses.append(use)
-    return uses
+    return _dense_use(
+        key,
+        1,
+        view,
+        eqn.outvars[0],
+        order,
+        len(order) - 1,
+        act=0,
+        act_perm=rows_axes + (feature,),
+        rows=math.prod(out_shape[d] for d in rows_axes),
+        out_feature=feature,
+        groups=int(params["feature_group_count"]),
+        windows={
+            "filter_shape": tuple(int(view.shape[d]) for d in spatial),
+            "window_strides": params["window_strides"],
+            "padding": params["padding"],
+            "lhs_dilation": params["lhs_dilation"],
+            "rhs_dilation": params["rhs_dilation"],
+            "dimension_numbers": _spec_strings(dn, len(out_shape)),
+            "precision": params.get("precision"),
+        },
+    )
 
 
 def _spec_strings(dn: Any, ndim: int) -> tuple[str, str, str]:
@@ -425,30 +414,15 @@ def _spec_strings(dn: Any, ndim: int) -> tuple[str, str, str]:
     return layout(dn.lhs_spec, "N", "C"), layout(dn.rhs_spec, "O", "I"), layout(dn.out_spec, "N", "C")
 
 
-def _activation(use: _Use, invals: Sequence[Any], windows: dict[int, Any] | None = None) -> Any:
-    """What a recognized use's products contract its cotangent with: the operand, or a convolution's windows.
-
-    ``windows`` keeps the windows of an equation between the uses of its
-    feature groups, each of which takes its own columns.
-    """
+def _activation(use: _Use, invals: Sequence[Any]) -> Any:
+    """What a recognized use's products contract its cotangent with: the operand, or a convolution's windows."""
     a = invals[use.act]
     if use.kind == "scale":  # the factor at every output entry (a literal or a broadcast operand included)
         return jnp.broadcast_to(1.0 / a if use.reciprocal else jnp.asarray(a), use.out.aval.shape)
-    if use.windows is None:
-        return a
-    cache = {} if windows is None else windows
-    if id(a) not in cache:
-        cache[id(a)] = jax.lax.conv_general_dilated_patches(a, **use.windows)
-    patches = cache[id(a)]
-    if use.columns is None:
-        return patches
-    return jax.lax.slice_in_dim(patches, use.columns[0], use.columns[1], axis=use.out_feature)
+    return a if use.windows is None else jax.lax.conv_general_dilated_patches(a, **use.windows)
 
 
-_MAX_GROUPS = 32
-"""Feature groups up to which a grouped convolution is read as one dense use per group (more: the generic route)."""
-
-_RECOGNIZERS: dict[str, Callable[[Any, Key, list[np.ndarray | None]], _Use | list[_Use] | None]] = {
+_RECOGNIZERS: dict[str, Callable[[Any, Key, list[np.ndarray | None]], _Use | None]] = {
     "dot_general": _dense,
     "conv_general_dilated": _conv,
     "gather": _embedding,
@@ -529,7 +503,7 @@ def _analyse(closed: ClosedJaxpr, P: int, rejected: frozenset[Key]) -> _Plan:
             recognize = _RECOGNIZERS.get(eqn.primitive.name)
             use = recognize(eqn, key, operands) if recognize is not None and key not in rejected else None
             if use is not None:
-                candidates.extend(use if isinstance(use, list) else [use])
+                candidates.append(use)
                 work += sum(_float_size(o.aval) for o in eqn.outvars)
                 continue
             others.extend((key, j, o) for j, o in enumerate(operands) if o is not None)
@@ -551,16 +525,12 @@ def _analyse(closed: ClosedJaxpr, P: int, rejected: frozenset[Key]) -> _Plan:
     fast = (recognized == 1) & ~other
     # A use with any entry read elsewhere too goes to the generic route whole; its entries were then
     # read at least twice, so no other use changes its mind (one pass suffices).
-    # An equation read by several uses (a grouped convolution's groups) goes to the generic route whole if any
-    # of them does: it reads its whole operand.
-    slow_keys = {use.key for use in candidates if not bool(np.all(fast[use.entries]))}
-    uses, sent = [], set()
+    uses = []
     for use in candidates:
-        if use.key not in slow_keys:
+        if bool(np.all(fast[use.entries])):
             uses.append(use)
-        elif use.key not in sent:
-            sent.add(use.key)
-            others.append((use.key, use.operand, use.view if use.operand_view is None else use.operand_view))
+        else:
+            others.append((use.key, use.operand, use.view))
     covered = np.zeros(P, dtype=bool)
     for use in uses:
         covered[use.entries.ravel()] = True
@@ -605,8 +575,6 @@ def _analyse(closed: ClosedJaxpr, P: int, rejected: frozenset[Key]) -> _Plan:
             target = bias_of.get((u.key[0], u.out))
             if target is not None and counts.get((u.key[0], u.out), 0) == 1:
                 u.slot = probe_at[target.key]
-                continue
-            if u.key in probe_at:  # another feature group of the same convolution
                 continue
             probe_at[u.key] = len(probes)
             probes.append((tuple(u.out.aval.shape), u.out.aval.dtype))
@@ -749,9 +717,8 @@ def _evaluate(
                 with eqn.ctx.manager:
                     ans = eqn.primitive.bind(*invals, **params)
                 outs = list(ans) if eqn.primitive.multiple_results else [ans]
-            windows: dict[int, Any] = {}
             for u in plan.record.get(key, ()):
-                acts[u] = _activation(plan.uses[u], invals, windows)
+                acts[u] = _activation(plan.uses[u], invals)
             slot = plan.probe_at.get(key)
             if slot is not None:
                 outs[0] = outs[0] + probes[slot]
@@ -1014,7 +981,7 @@ def _run(entry: _Compiled, w: Array, leaves: list[Array], U: Array, budget: int)
     sequences = sum(u.entries.size for u in plan.uses if u.kind == "dense" and u.rows > 1)
     per_pair = (plan.S + sequences + sum(math.prod(s) for s, _ in plan.probes) + plan.work) * item
     # Per sample, whatever the cotangents: the windows of the convolutions read as dense.
-    per_sample = sum(u.rows * u.in_size for u in plan.uses if u.windows is not None) * item
+    per_sample = sum(u.rows * u.groups * u.in_size for u in plan.uses if u.windows is not None) * item
     k_chunk = int(max(1, min(K, (budget - per_sample) // max(per_pair, 1))))
     n_chunk = int(max(1, min(N, budget // max(k_chunk * per_pair + per_sample, 1))))
     unroll, timed = entry.passes.choose(k_chunk)
@@ -1075,10 +1042,22 @@ def _slow_vector(plan: _Plan, w: Array) -> list[Array]:
 
 
 def _dense_rows(use: _Use, act: Array, dtype: Any) -> Array:
-    """The activations of a dense use as ``(n, rows, in)``, contracted axes in the parameter's order."""
+    """The activations of a dense use as ``(n, rows, groups · in)``, contracted axes in the parameter's order."""
     n = act.shape[0]
     perm = (0,) + tuple(1 + d for d in use.act_perm)
-    return jnp.transpose(act, perm).reshape(n, use.rows, use.in_size).astype(dtype)
+    return jnp.transpose(act, perm).reshape(n, use.rows, use.groups * use.in_size).astype(dtype)
+
+
+def _dense_products(use: _Use, a: Array, d: Array) -> Array:
+    """``aᵀ δ`` per cotangent: rows ``a`` ``(T, groups · in)`` and ``δ`` ``(k, T, free)`` to ``(k, in, free)``.
+
+    With feature groups, group ``g``'s outputs meet its own columns only.
+    """
+    if use.groups == 1:
+        return jnp.einsum("ti,ktf->kif", a, d)
+    T, k, G = a.shape[0], d.shape[0], use.groups
+    q = jnp.einsum("tgi,ktgf->kigf", a.reshape(T, G, use.in_size), d.reshape(k, T, G, use.free_size // G))
+    return q.reshape(k, use.in_size, use.free_size)
 
 
 def _dense_deltas(use: _Use, delta: Array, dtype: Any) -> Array:
@@ -1086,8 +1065,6 @@ def _dense_deltas(use: _Use, delta: Array, dtype: Any) -> Array:
     k = delta.shape[0]
     if use.out_feature >= 0:  # a convolution: its output features, wherever they are, become the last axis
         delta = jnp.moveaxis(delta, 1 + use.out_feature, -1)
-    if use.channels is not None:  # one feature group's outputs
-        delta = delta[..., use.channels[0] : use.channels[1]]
     if use.rows_last:  # the parameter is the left operand: its free axes come first in the output
         return jnp.swapaxes(delta.reshape(k, use.free_size, use.rows), 1, 2).astype(dtype)
     return delta.reshape(k, use.rows, use.free_size).astype(dtype)
@@ -1125,6 +1102,8 @@ def _gram(use: _Use, k: int, keep_k: bool) -> bool:
     two when the cotangents are kept apart).  One row (a plain dense layer)
     is always the Gram route: ``(a²)ᵀ(δ²)``.
     """
+    if use.groups > 1:  # the Gram route's terms would mix the groups
+        return False
     T, i, f = use.rows, use.in_size, use.free_size
     gram = T * T * ((k * (i * f + f)) if keep_k else (i * f + k * f + i))
     return T == 1 or gram < k * T * i * f
@@ -1167,7 +1146,7 @@ def _chunk_function(plan: _Plan, per_cotangent: bool) -> Callable[..., Array]:
             if gram[i]:
                 squares.append(total(jnp.einsum("ktf,ksf->ktsf", d, d)))
             else:
-                q = jnp.einsum("ti,ktf->kif", _dense_rows(use, acts[i][None], dtype)[0], d)
+                q = _dense_products(use, _dense_rows(use, acts[i][None], dtype)[0], d)
                 squares.append(total(q * q))
         return [total(jnp.square(c.astype(dtype))) for c in ct_v], squares
 
@@ -1244,8 +1223,9 @@ def _guard_function(plan: _Plan, f: Callable[[Array, Any], Array], treedef: Any)
         for i, use in enumerate(plan.uses):
             d = deltas[use.slot]
             if use.kind == "dense":
-                a = _dense_rows(use, acts[i], dtype).reshape(-1, use.in_size)
-                moment = _to_param_layout(use, a.T @ _dense_deltas(use, d, dtype).reshape(-1, use.free_size), 0)
+                a = _dense_rows(use, acts[i], dtype).reshape(-1, use.groups * use.in_size)
+                delta = _dense_deltas(use, d, dtype).reshape(1, -1, use.free_size)
+                moment = _to_param_layout(use, _dense_products(use, a, delta)[0], 0)
                 ref = _take(grad, use.view)
             elif use.kind == "embed":
                 _, valid = _lookups(use, acts[i])
