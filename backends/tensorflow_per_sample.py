@@ -426,23 +426,21 @@ class _Derived(_Use):
         return [deltas[id(r.out)] for r in self.reads]
 
     def products(self, deltas: list[tf.Tensor], n0: Any, count: int) -> tf.Tensor:
-        parts = [
-            tf.einsum("knd,dp->knp", r.products(d, n0, count), J) for r, d, J in zip(self.reads, deltas, self.jacobians)
-        ]
-        return tf.add_n(parts) if len(parts) > 1 else parts[0]
+        reads = zip(self.reads, deltas, self.jacobians)
+        return tf.add_n([tf.einsum("knd,dp->knp", r.products(d, n0, count), J) for r, d, J in reads])
 
     def total(self, delta: list[tf.Tensor]) -> tf.Tensor:
-        parts = [
-            tf.linalg.matvec(J, r.total(d), transpose_a=True) for r, d, J in zip(self.reads, delta, self.jacobians)
-        ]
-        return tf.add_n(parts) if len(parts) > 1 else parts[0]
+        return tf.add_n(
+            [tf.linalg.matvec(J, r.total(d), transpose_a=True) for r, d, J in zip(self.reads, delta, self.jacobians)]
+        )
 
     def magnitude(self, delta: list[tf.Tensor]) -> tf.Tensor:
-        parts = [
-            tf.linalg.matvec(tf.abs(J), r.magnitude(d), transpose_a=True)
-            for r, d, J in zip(self.reads, delta, self.jacobians)
-        ]
-        return tf.add_n(parts) if len(parts) > 1 else parts[0]
+        return tf.add_n(
+            [
+                tf.linalg.matvec(tf.abs(J), r.magnitude(d), transpose_a=True)
+                for r, d, J in zip(self.reads, delta, self.jacobians)
+            ]
+        )
 
     def sample_bytes(self, k: int) -> int:
         return sum(r.sample_bytes(k) for r in self.reads) + 2 * k * self.size * self.out.dtype.size
@@ -578,7 +576,6 @@ def _derived_reads(
     frontier = list(ops.values())
     sample_reads: list[tuple[tf.Operation, int, tf.Tensor]] = []
     broken: list[tf.Tensor] = []  # derived tensors read by something neither parameter-only nor a sample op
-    seen_ops = {op.name for op in frontier}
     while frontier:
         op = frontier.pop()
         D = op.outputs[0]
@@ -586,9 +583,8 @@ def _derived_reads(
             if consumer.type in _METADATA:
                 continue
             if _parameter_only(consumer, dependent, dtype):
-                ops[consumer.outputs[0].ref()] = consumer
-                if consumer.name not in seen_ops:
-                    seen_ops.add(consumer.name)
+                if consumer.outputs[0].ref() not in ops:
+                    ops[consumer.outputs[0].ref()] = consumer
                     frontier.append(consumer)
                 continue
             if len(consumer.outputs) != 1 or not any(i.ref() in dependent for i in consumer.inputs):
@@ -596,19 +592,17 @@ def _derived_reads(
                 continue
             sample_reads.extend((consumer, i, D) for i, t in enumerate(consumer.inputs) if t is D)
 
-    def ranges_of(t: tf.Tensor, memo: dict[Any, frozenset]) -> frozenset:
-        if t.ref() in memo:
-            return memo[t.ref()]
-        found = set(sources.get(t.ref(), ()))
-        op = ops.get(t.ref())
-        if op is not None:
-            for i in op.inputs:
+    memo: dict[Any, frozenset] = {}
+
+    def ranges_of(t: tf.Tensor) -> frozenset:
+        if t.ref() not in memo:
+            found = set(sources.get(t.ref(), ()))
+            for i in ops[t.ref()].inputs:
                 if i.ref() in ops:
-                    found |= ranges_of(i, memo)
-        memo[t.ref()] = frozenset(found)
+                    found |= ranges_of(i)
+            memo[t.ref()] = frozenset(found)
         return memo[t.ref()]
 
-    memo: dict[Any, frozenset] = {}
     # Groups: ranges joined by any derived tensor computed from several (union-find over ranges).
     parent: dict[tuple[int, int], tuple[int, int]] = {}
 
@@ -618,7 +612,7 @@ def _derived_reads(
         return r
 
     for op in ops.values():
-        rs = sorted(ranges_of(op.outputs[0], memo))
+        rs = sorted(ranges_of(op.outputs[0]))
         for r in rs[1:]:
             parent[root(r)] = root(rs[0])
         if rs:
@@ -627,10 +621,10 @@ def _derived_reads(
     for r in list(parent):
         groups.setdefault(root(r), {"ranges": set(), "reads": [], "broken": False})["ranges"].add(r)
     for t in broken:
-        for r in ranges_of(t, memo):
+        for r in ranges_of(t):
             groups[root(r)]["broken"] = True
     for consumer, index, D in sample_reads:
-        rs = ranges_of(D, memo)
+        rs = ranges_of(D)
         if rs:
             groups[root(next(iter(rs)))]["reads"].append((consumer, index, D))
     derived_refs = views | set(ops)
