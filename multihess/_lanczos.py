@@ -45,9 +45,6 @@ RandomVector = Callable[[], np.ndarray]
 _INITIAL_ROWS = 32
 """Rows a writable basis buffer holds before it first grows (it doubles after that)."""
 
-_BLOCK_ROWS = 8
-"""Rows per block of a basis of immutable arrays (JAX, TensorFlow) before the block is frozen."""
-
 _REPEAT_BELOW = 1e-3
 """Gram-Schmidt runs a second pass when a vector keeps less than this fraction of its norm."""
 
@@ -236,13 +233,16 @@ class Rows:
 
     * writable arrays (PyTorch, NumPy) fill one preallocated buffer in
       place, which doubles when full: a step copies nothing;
-    * immutable arrays (JAX, TensorFlow) keep the newest rows as they
-      come, up to :data:`_BLOCK_ROWS`, and join them into a frozen block
-      when the next one comes, merging frozen blocks of equal size: a step
-      copies nothing (joining arrays eagerly is slow: 2.2 ms for 5 rows of
-      2·10⁵ float64 in JAX on a CPU, 15 times a pass over them), each row
-      is copied once per merge, ``log₂(m / _BLOCK_ROWS)`` times in all,
-      and there are at most that many blocks besides the newest rows.
+    * immutable arrays (JAX, TensorFlow) keep the rows as they come and
+      join them into frozen blocks only when a pass over the whole basis
+      (or :meth:`combine`) needs them, merging a new block into the one
+      before it while it is at least half as large: a step copies nothing
+      (joining arrays eagerly is slow: 1.4 ms for 8 rows of 2·10⁵ float64
+      in JAX on a CPU, ten times a pass over them), a run that never
+      needs the whole basis (20 steps of a semi-orthogonal Lanczos) joins
+      nothing, each row is copied ``O(log m)`` times, and the frozen
+      blocks, which more than halve in size, are at most ``log₂ m + 1``.
+      The newest row always stays apart, as it came.
 
     Vectors handled against the basis are shaped ``(*batch, 1, n)``.
     """
@@ -255,7 +255,7 @@ class Rows:
         self._buffer: Array | None = None
         self._capacity = max(1, min(capacity, n))
         self._frozen: list[Array] = []
-        self._tail: list[Array] = []  # the newest rows, each (*batch, 1, n)
+        self._tail: list[Array] = []  # the rows not yet joined, each (*batch, 1, n): never empty once a row came
         # Immutable arrays pay a dispatch per operation, and passes against the last few rows repeat their
         # shapes: those run as one compiled call.  Writable arrays keep the pass that works in place.
         compile = None if device.writable else device.compile
@@ -266,16 +266,25 @@ class Rows:
         """The rows, in order, as a list of ``(*batch, rows, n)`` arrays (no copy where arrays are writable)."""
         if self.device.writable:
             return [self._buffer[..., : self.size, :]] if self.size else []
-        return self._frozen + self._joined(self._tail)
+        self._freeze()
+        return self._frozen + self._tail
 
-    def _joined(self, rows: list[Array]) -> list[Array]:
-        """The newest rows as one block: a pass over the whole basis then takes two products per block, not per row.
+    def _freeze(self) -> None:
+        """Join every row but the newest into frozen blocks, so that a pass over them takes two products per block.
 
-        Joining copies at most :data:`_BLOCK_ROWS` rows; one product per row
-        cost TensorFlow 8-10 ms per pass against 16 rows of 6·10⁴ entries
-        (eager dispatch), one block 1 ms.
+        One product per row cost TensorFlow 8-10 ms per pass against 16
+        rows of 6·10⁴ entries (eager dispatch), one block 1 ms.  The new
+        block is merged into the one before while it is at least half as
+        large, so that sizes more than halve from each block to the next.
         """
-        return [self.device.xp.concat(rows, axis=-2)] if len(rows) > 1 else rows
+        if len(self._tail) < 2:
+            return
+        xp = self.device.xp
+        older, self._tail = self._tail[:-1], self._tail[-1:]
+        self._frozen.append(older[0] if len(older) == 1 else xp.concat(older, axis=-2))
+        while len(self._frozen) > 1 and 2 * shape(self._frozen[-1])[-2] >= shape(self._frozen[-2])[-2]:
+            last = self._frozen.pop()
+            self._frozen[-1] = xp.concat([self._frozen[-1], last], axis=-2)
 
     def _slot(self) -> Array:
         """The storage of the next row of a writable buffer, grown when full."""
@@ -304,14 +313,6 @@ class Rows:
         if self.device.writable:
             self._slot()[...] = row
         else:
-            xp = self.device.xp
-            if len(self._tail) == _BLOCK_ROWS:  # frozen only now, so that the newest row is always in the tail
-                self._frozen.append(xp.concat(self._tail, axis=-2))
-                self._tail = []
-                # Binary-counter merging: blocks of equal size become one, so blocks stay few.
-                while len(self._frozen) > 1 and shape(self._frozen[-1])[-2] == shape(self._frozen[-2])[-2]:
-                    last = self._frozen.pop()
-                    self._frozen[-1] = xp.concat([self._frozen[-1], last], axis=-2)
             self._tail.append(row)
         self.size += 1
 
@@ -332,15 +333,21 @@ class Rows:
         if self.device.writable:
             return [self._buffer[..., self.size - count : self.size, :]]
         rows = self._tail[-count:]
-        if len(rows) < count:  # the tail was just started: the row before is the last of the frozen block
-            rows.insert(0, self._frozen[-1][..., -1:, :])
+        missing = count - len(rows)
+        for block in reversed(self._frozen):  # the rest from the ends of the frozen blocks, newest first
+            if missing == 0:
+                break
+            size = shape(block)[-2]
+            rows.insert(0, block[..., max(0, size - missing) :, :])
+            missing -= min(size, missing)
         return rows
 
     def _older(self) -> list[Array]:
         """Every row but the newest, as :meth:`parts` gives them (no copy)."""
         if self.device.writable:
             return [self._buffer[..., : self.size - 1, :]] if self.size > 1 else []
-        return self._frozen + self._joined(self._tail[:-1])
+        self._freeze()
+        return list(self._frozen)
 
     def reorthogonalize_newest(self) -> None:
         """Replace the newest row by itself minus its projection on the others (one classical pass).
@@ -662,7 +669,8 @@ def lanczos_extreme(
         exhausted = m == n
         broke = b <= breakdown * scale
         last_step = exhausted or m >= max_steps
-        if broke or last_step or (m >= k and _check_now(m)):
+        # A tolerance below what the products resolve is never met: the Ritz values are then needed only at the end.
+        if broke or last_step or (reachable and m >= k and _check_now(m)):
             values, vectors = np.linalg.eigh(tridiagonal(np.array(alpha), np.array(beta)))
             scale = max(scale, float(np.max(np.abs(values))))
             exact = exhausted or (broke and b <= tol * scale)

@@ -265,6 +265,60 @@ def test_lanczos_on_other_frameworks_reads_a_few_scalars_per_step(monkeypatch) -
         np.testing.assert_allclose(values, top(spectrum, 3), rtol=rtol, err_msg=name)
 
 
+def test_lanczos_solves_the_tridiagonal_problem_once_when_the_tolerance_is_out_of_reach(quadratic, monkeypatch) -> None:
+    op, spectrum = quadratic
+    solves = []
+    eigh = np.linalg.eigh
+    monkeypatch.setattr(_lanczos.np.linalg, "eigh", lambda T: solves.append(len(T)) or eigh(T))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # tol=1e-30 is below what float64 resolves
+        values = mh.eigvalsh(op, k=1, num_iterations=30, tol=1e-30)
+    assert solves == [30]
+    solves.clear()
+    converged = mh.eigvalsh(op, k=1, num_iterations=200, tol=1e-10)  # reachable: checked as it goes
+    assert len(solves) > 1
+    np.testing.assert_allclose(converged, top(spectrum, 1), rtol=1e-9)
+    np.testing.assert_allclose(values, top(spectrum, 1), rtol=1e-3)  # the same Krylov space, 30 steps
+
+
+def test_immutable_basis_joins_rows_only_when_the_whole_basis_is_read(monkeypatch) -> None:
+    # JAX arrays take no item assignment: rows are kept as they come.  Oracle: the same rows stacked in NumPy.
+    jnp = pytest.importorskip("jax.numpy")
+    backend = mh.get_backend("jax")
+    n, rng = 50, np.random.default_rng(0)
+    rows = rng.standard_normal((23, n))
+    device = _lanczos.Device.of(backend, jnp.zeros(n))
+    basis = _lanczos.Rows(device, (), n, 4)
+    assert not device.writable
+    joins = []
+    concat = device.xp.concat
+
+    def counted(arrays, axis=0):
+        joins.append(len(arrays))
+        return concat(arrays, axis=axis)
+
+    monkeypatch.setattr(device.xp, "concat", counted)
+
+    def stacked(parts) -> np.ndarray:
+        return np.concatenate([np.asarray(p) for p in parts], axis=-2)
+
+    for i in range(20):
+        basis.append(jnp.asarray(rows[i : i + 1]))
+        np.testing.assert_array_equal(stacked(basis.recent(2)), rows[max(0, i - 1) : i + 1])
+    assert joins == []  # 20 steps against the last two rows join nothing
+    np.testing.assert_array_equal(stacked(basis.parts()), rows[:20])
+    assert joins == [19]  # the whole basis was read: every row but the newest, joined once
+    assert [p.shape[0] for p in basis.parts()] == [19, 1]  # the newest row stays apart
+    for i in range(20, 23):
+        basis.append(jnp.asarray(rows[i : i + 1]))
+        np.testing.assert_array_equal(stacked(basis._older()), rows[:i])
+        np.testing.assert_array_equal(stacked(basis.recent(3)), rows[i - 2 : i + 1])
+    sizes = [p.shape[0] for p in basis.parts()]
+    assert sizes[-1] == 1 and all(a > 2 * b for a, b in zip(sizes[:-2], sizes[1:-1])), sizes
+    np.testing.assert_array_equal(stacked(basis.parts()), rows)
+    np.testing.assert_allclose(np.asarray(basis.combine(np.eye(23)[:2])), rows[:2], rtol=1e-15)
+
+
 # ----------------------------------------------------------------------
 # Repeated eigenvalues across several blocks and buffer growths
 # ----------------------------------------------------------------------
