@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from harness import QUANTITIES, Row
+from harness import DENSITY_PROBES, QUANTITIES, STEPS, Row
 
 PACKAGES = (
     "multihess",
@@ -167,6 +167,7 @@ def markdown(rows: list[Row], meta: dict, best: dict) -> str:
         "",
     ]
     lines += summary(rows, best)
+    lines += krylov_cost(rows)
     for framework in dict.fromkeys(r.framework for r in rows):
         for model in dict.fromkeys(r.model for r in rows if r.framework == framework):
             sub = [r for r in rows if r.framework == framework and r.model == model]
@@ -228,6 +229,58 @@ def summary(rows: list[Row], best: dict) -> list[str]:
             cells.append(" / ".join(parts))
         lines.append(f"| {framework} | {model} | " + " | ".join(cells) + " |")
     return lines
+
+
+FLAT_PRODUCT = "H @ v (operator built once)"
+"""The product row that Krylov methods make at each step: a flat vector in, a flat vector out."""
+
+TREE_PRODUCT = "H @ tree (operator built once)"
+
+
+def krylov_cost(rows: list[Row]) -> list[str]:
+    """Spectra against the products they are made of: 20 Lanczos steps ÷ 20 Hessian-vector products, same run.
+
+    The steps' products take and give flat vectors, so the first ratio
+    divides by the ``H @ v`` row; the second by ``H @ tree`` where a
+    framework's flat products cost more than its tree products.  The
+    density's starts advance together (20 products of 2 rows each),
+    divided by as many flat products as rows (40).
+    """
+    products = DENSITY_PROBES * STEPS
+    lines = [
+        "",
+        f"## Spectra at the cost of their products: {STEPS} Lanczos steps ÷ {STEPS} Hessian-vector products",
+        "",
+        "| framework | model | H @ v (ms) | H @ tree (ms) | "
+        f"{STEPS} Lanczos steps (ms) | ÷ {STEPS} × H @ v | ÷ {STEPS} × H @ tree | density ÷ {products} × H @ v |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def seconds(framework: str, model: str, quantity: str, what: str | None = None) -> float | None:
+        for r in rows:
+            if (r.framework, r.model, r.quantity, r.who) == (framework, model, quantity, "multihess"):
+                if (what is None or r.what == what) and not r.error and r.seconds is not None:
+                    return r.seconds
+        return None
+
+    def ratio(total: float | None, count: int, each: float | None) -> str:
+        return "–" if total is None or each is None else f"{total / (count * each):.2f}"
+
+    found = False
+    for framework, model in dict.fromkeys((r.framework, r.model) for r in rows if r.model != "-"):
+        flat = seconds(framework, model, "hvp", FLAT_PRODUCT)
+        tree = seconds(framework, model, "hvp", TREE_PRODUCT)
+        eigen = seconds(framework, model, "eigen")
+        density = seconds(framework, model, "density")
+        if eigen is None or (flat is None and tree is None):
+            continue
+        found = True
+        ms = lambda x: "–" if x is None else f"{x * 1e3:.2f}"  # noqa: E731
+        lines.append(
+            f"| {framework} | {model} | {ms(flat)} | {ms(tree)} | {ms(eigen)} | {ratio(eigen, STEPS, flat)} "
+            f"| {ratio(eigen, STEPS, tree)} | {ratio(density, products, flat)} |"
+        )
+    return lines if found else []
 
 
 def _escape(text: str) -> str:
