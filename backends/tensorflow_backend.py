@@ -63,7 +63,15 @@ import numpy as np
 import tensorflow as tf
 
 from .._arrays import shape as shape_of
-from .._backend import Array, Backend, Linearization, ParameterBinding, product_on_parts, quadratic_forms
+from .._backend import (
+    Array,
+    Backend,
+    Linearization,
+    ParameterBinding,
+    parameters_joined,
+    product_on_parts,
+    quadratic_forms,
+)
 from .._per_sample import generic_squares
 from .._trees import (
     TreeLayout,
@@ -445,6 +453,8 @@ class TensorFlowBackend(Backend):
         return hvp_one
 
     def rowwise(self, f: Callable[[Array, Any, Array], Array]) -> Callable[[Array, Any, Array], Array]:
+        dense_f, f = f, parameters_joined(self.xp, f)
+
         def single(w: tf.Tensor, batch: Any, rows: tf.Tensor) -> tf.Tensor:
             return f(w, batch, rows[0])[None]
 
@@ -458,7 +468,7 @@ class TensorFlowBackend(Backend):
             v = tf.zeros_like(w)
             with tf.GradientTape() as tape:
                 tape.watch(v)
-                out = f(w, batch, v)
+                out = dense_f(w, batch, v)
             return tape.jacobian(
                 out, v, unconnected_gradients=_ZERO, parallel_iterations=chunk, experimental_use_pfor=False
             )

@@ -64,6 +64,13 @@ class ParameterBinding:
         without them gets flat products.
     from_parts : callable, optional
         The inverse of ``parts_of``: a tree in the structure of ``to_tree``.
+    w_pieces : list of Array, optional
+        The arrays ``w`` was joined from, in its order (the user's own
+        parameters, not copies).  Compiled products (:meth:`Backend.rowwise`)
+        then take these instead of ``w`` and join them inside the compiled
+        program, where the compiler meets the joining with ``apply``'s split
+        and keeps neither: cutting ``w`` itself copies every parameter at
+        each call.  Meant for compiling backends; eager ones leave it out.
     """
 
     w: Array
@@ -74,6 +81,7 @@ class ParameterBinding:
     from_tree: Callable[[Any], Array]
     parts_of: Callable[[Any], list[Array]] | None = None
     from_parts: Callable[[Sequence[Array]], Any] | None = None
+    w_pieces: list[Array] | None = None
     sizes: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -83,6 +91,11 @@ class ParameterBinding:
     def size(self) -> int:
         """Number of entries of ``w``."""
         return int(sum(self.sizes))
+
+    @property
+    def product_w(self) -> Array | list[Array]:
+        """The parameters as compiled products take them: ``w_pieces`` where the binding has them, else ``w``."""
+        return self.w if self.w_pieces is None else self.w_pieces
 
     def offsets(self) -> dict[str, slice]:
         """Slice of ``w`` taken by each named parameter."""
@@ -278,8 +291,11 @@ class Backend(abc.ABC):
         ``j`` is ``f(w, batch, e_j)``, computed ``chunk`` columns at a time
         in one compiled call that evaluates what does not depend on the
         vector once (:meth:`CurvatureOperator.dense` uses it; without it,
-        dense matrices loop over chunks of batched products).
+        dense matrices loop over chunks of batched products).  Every
+        variant but ``dense`` takes ``w`` flat or as the list of
+        :attr:`ParameterBinding.w_pieces` (see :func:`parameters_joined`).
         """
+        f = parameters_joined(self.xp, f)
         mapped = self.vmap(f, (None, None, 0))
         if mapped is None:
 
@@ -370,6 +386,21 @@ def map_rows(backend: Backend, f: Callable[[Array], Array]) -> Callable[[Array],
     return lambda rows: backend.xp.stack([f(rows[i]) for i in range(int(rows.shape[0]))])
 
 
+def parameters_joined(xp: Any, f: Callable[[Array, Any, Array], Array]) -> Callable[[Array, Any, Array], Array]:
+    """``f(w, batch, v)`` that also takes ``w`` as a list of pieces, joined into the flat vector first.
+
+    Meant to be compiled: the joining meets the binding's split of ``w``
+    and the compiler keeps neither (:attr:`ParameterBinding.w_pieces`).
+    """
+
+    def with_pieces(w: Array | list[Array], batch: Any, v: Array) -> Array:
+        if isinstance(w, (list, tuple)):
+            w = xp.concat([xp.reshape(p, (-1,)) for p in w], axis=0)
+        return f(w, batch, v)
+
+    return with_pieces
+
+
 def product_on_parts(
     xp: Any, f: Callable[[Array, Any, Array], Array], w: Array, batch: Any, parts: list, checked: bool = True
 ) -> tuple:
@@ -401,15 +432,18 @@ def product_on_parts(
     return pieces, xp.isfinite(total)
 
 
-def quadratic_forms(xp: Any, batched: Callable[[Array, Any, Array], Array], w: Array, batch: Any, Z: Array) -> Array:
+def quadratic_forms(
+    xp: Any, batched: Callable[[Array, Any, Array], Array], w: Array | list[Array], batch: Any, Z: Array
+) -> Array:
     """``zᵀAz`` for each row ``z`` of ``Z`` (``batched`` gives ``A`` times the rows): shape ``(k,)``.
 
     ``Z`` is cast to the parameters' dtype first (so ``int8`` signs work);
     for float16 and bfloat16 the probes and products are widened to float32
     before the sum, which would otherwise overflow or round each partial sum.
     """
-    rows = xp.astype(Z, w.dtype)
+    dtype = xp.result_type(*w) if isinstance(w, (list, tuple)) else w.dtype  # w flat or as its pieces
+    rows = xp.astype(Z, dtype)
     products = batched(w, batch, rows)
-    if dtype_name(w) in ("float16", "bfloat16"):
+    if dtype_name(rows) in ("float16", "bfloat16"):
         rows, products = xp.astype(rows, xp.float32), xp.astype(products, xp.float32)
     return xp.sum(rows * products, axis=1)

@@ -64,7 +64,7 @@ class GGNOperator(CurvatureOperator):
         return lin
 
     def _matmat_rows(self, V: Array) -> Array:
-        w = self.problem.binding.w
+        w = self.problem.binding.product_w
         return self.problem.batch_sum(lambda batch: self._product(w, batch, V))
 
     def _parts_product(self) -> tuple[Callable[..., Array], Problem]:
@@ -73,5 +73,5 @@ class GGNOperator(CurvatureOperator):
     def _matvec(self, v: Array) -> Array:
         if not getattr(self._product, "takes_vectors", False):
             return super()._matvec(v)
-        w = self.problem.binding.w
+        w = self.problem.binding.product_w
         return self.problem.batch_sum(lambda batch: self._product(w, batch, v))

@@ -23,13 +23,13 @@ class HessianOperator(CurvatureOperator):
         self._hvp = problem.backend.hvp_function(problem.loss_function())
 
     def _matmat_rows(self, V: Array) -> Array:
-        w = self.problem.binding.w
+        w = self.problem.binding.product_w
         return self.problem.batch_sum(lambda batch: self._hvp(w, batch, V))  # v → Σ_batches weight · H_batch v
 
     def _matvec(self, v: Array) -> Array:
         if not getattr(self._hvp, "takes_vectors", False):
             return super()._matvec(v)
-        w = self.problem.binding.w
+        w = self.problem.binding.product_w
         return self.problem.batch_sum(lambda batch: self._hvp(w, batch, v))
 
     def _parts_product(self) -> tuple[Callable[..., Array], Problem]:

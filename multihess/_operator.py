@@ -146,7 +146,7 @@ class CurvatureOperator:
         if found is None:
             return None
         on_parts, problem = found
-        w = self.cols.w
+        w = self.cols.product_w
         pieces, finite = problem.batch_sum(lambda batch: on_parts(w, batch, [flat]))
         return pieces[0], finite
 
@@ -167,7 +167,7 @@ class CurvatureOperator:
             return None
         on_parts, problem = found
         parts = binding.parts_of(v)
-        pieces, finite = problem.batch_sum(lambda batch: on_parts(binding.w, batch, parts))
+        pieces, finite = problem.batch_sum(lambda batch: on_parts(binding.product_w, batch, parts))
         self._confirm_finite(finite if self.check_finite else None, parts, "v")
         return binding.from_parts(pieces)
 
@@ -186,7 +186,7 @@ class CurvatureOperator:
         if found is None:
             return None
         forms, problem = found
-        w = self.cols.w
+        w = self.cols.product_w
         return problem.batch_sum(lambda batch: forms(w, batch, Z))
 
     def _compiled_variant(self, name: str, one_batch: bool = False) -> tuple[Callable[..., Any], Any] | None:
