@@ -82,6 +82,7 @@ from .._trees import (
     vector_trees,
 )
 from . import tensorflow_namespace
+from .tensorflow_calls import FlatCall
 from .tensorflow_models import (
     as_tensor,
     is_array_like,
@@ -399,10 +400,10 @@ class TensorFlowBackend(Backend):
         ``jit_compile=True``, a program that XLA would get wrong runs
         without XLA (see :class:`XlaUnlessInexact`).
         """
-        plain = tf.function(functools.partial(f))
+        plain = FlatCall(tf.function(functools.partial(f)))
         if not self.jit_compile:
             return plain
-        return XlaUnlessInexact(tf.function(functools.partial(f), jit_compile=True), plain)
+        return XlaUnlessInexact(FlatCall(tf.function(functools.partial(f), jit_compile=True)), plain)
 
     def hvp_function(self, loss: Callable[[Array, Any], Array]) -> Callable[[Array, Any, Array], Array]:
         if self.hvp_mode == "forward":
@@ -437,6 +438,8 @@ class TensorFlowBackend(Backend):
                 g, w, unconnected_gradients=_ZERO, parallel_iterations=chunk, experimental_use_pfor=pfor
             )
 
+        # Each takes w flat or as the binding's pieces (see Backend.rowwise); dense matrices take it flat.
+        single, batched, vector = (parameters_joined(self.xp, g) for g in (single, batched, vector))
         compiled = self.compile
         product = self._by_row_count(
             compiled(single), compiled(batched), compiled(vector), self._parts(vector), self._forms(batched)
